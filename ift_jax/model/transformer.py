@@ -1,0 +1,200 @@
+"""A Llama-family decoder in Flax NNX: Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM.
+
+Layers are stored stacked along a leading `layers` axis and run under `jax.lax.scan`, so a 30-layer model
+compiles as fast as a one-layer model. Parameters carry logical axis names only (`logical_axes` metadata);
+`ift_jax.sharding` maps them onto the mesh.
+
+Shape letters: B batch, L length (queries), S length (keys), D hidden, H query heads, K key/value heads,
+G query heads per key/value head, E head dim, F MLP hidden, V vocabulary, N layers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ift_jax import sharding
+from ift_jax.model.config import ModelConfig
+
+# Stacked per-layer parameters: name -> (shape builder, logical axes). The leading axis is always `layers`.
+def layer_param_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+  """Shapes (without the layers axis) and logical axes of every per-layer parameter."""
+  d, h, k, e, f = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+  specs = {
+      "attn_norm": ((d,), ("norm",)),
+      "q": ((d, h, e), ("embed", "heads", "head_dim")),
+      "k": ((d, k, e), ("embed", "kv_heads", "head_dim")),
+      "v": ((d, k, e), ("embed", "kv_heads", "head_dim")),
+      "o": ((h, e, d), ("heads", "head_dim", "embed")),
+      "mlp_norm": ((d,), ("norm",)),
+      "gate": ((d, f), ("embed", "mlp")),
+      "up": ((d, f), ("embed", "mlp")),
+      "down": ((f, d), ("mlp", "embed")),
+  }
+  if cfg.qkv_bias:
+    specs.update(q_bias=((h, e), ("heads", "head_dim")), k_bias=((k, e), ("kv_heads", "head_dim")),
+                 v_bias=((k, e), ("kv_heads", "head_dim")))
+  if cfg.qk_norm:
+    specs.update(q_norm=((e,), ("norm",)), k_norm=((e,), ("norm",)))
+  return specs
+
+
+def _init(rngs: nnx.Rngs, shape: tuple[int, ...], name: str) -> jax.Array:
+  if "norm" in name:
+    return jnp.ones(shape, jnp.float32)
+  if "bias" in name:
+    return jnp.zeros(shape, jnp.float32)
+  return 0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)
+
+
+class Layers(nnx.Module):
+  """All decoder blocks, each parameter stacked over a leading `layers` axis."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    for name, (shape, axes) in layer_param_specs(cfg).items():
+      value = _init(rngs, (cfg.num_layers, *shape), name)
+      setattr(self, name, nnx.Param(value, logical_axes=("layers", *axes)))
+
+
+class Transformer(nnx.Module):
+  """Decoder-only transformer: embed → N × (attention, SwiGLU MLP) with pre-RMSNorm → RMSNorm → logits."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, v = cfg.hidden_size, cfg.vocab_size
+    self.embed = nnx.Param(0.02 * jax.random.normal(rngs.params(), (v, d)), logical_axes=("vocab", "embed"))
+    self.layers = Layers(cfg, rngs=rngs)
+    self.final_norm = nnx.Param(jnp.ones((d,)), logical_axes=("norm",))
+    if not cfg.tie_word_embeddings:
+      self.lm_head = nnx.Param(0.02 * jax.random.normal(rngs.params(), (d, v)), logical_axes=("embed", "vocab"))
+
+  def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array, *,
+               compute_dtype: Any = jnp.float32, remat: str = "none") -> jax.Array:
+    """Returns float32 logits_BxLxV. Tokens attend only to earlier tokens of the same segment (id > 0)."""
+    cfg = self.cfg
+    embed_VxD = self.embed[...]
+    x_BxLxD = embed_VxD.astype(compute_dtype)[tokens_BxL]
+    x_BxLxD = sharding.constrain(x_BxLxD, ("batch", "length", "embed"))
+    cos_BxLxE, sin_BxLxE = rope_tables(positions_BxL, cfg)
+    mask_Bx1x1xLxS = attention_mask(segment_ids_BxL, positions_BxL, cfg.sliding_window)
+    stacked = {name: p[...].astype(compute_dtype) for name, p in nnx.state(self.layers).items()}
+
+    def body(x, layer):
+      return block(x, layer, cfg, cos_BxLxE, sin_BxLxE, mask_Bx1x1xLxS), None
+
+    x_BxLxD, _ = jax.lax.scan(_remat(body, remat), x_BxLxD, stacked)
+    x_BxLxD = rms_norm(x_BxLxD, self.final_norm[...], cfg.rms_norm_eps)
+    head_DxV = embed_VxD.T if cfg.tie_word_embeddings else self.lm_head[...]
+    logits_BxLxV = jnp.einsum("BLD,DV->BLV", x_BxLxD, head_DxV.astype(compute_dtype),
+                              preferred_element_type=jnp.float32)
+    return sharding.constrain(logits_BxLxV, ("batch", "length", "vocab"))
+
+
+def _remat(fn, policy: str):
+  if policy == "none":
+    return fn
+  policies = {
+      "full": None,  # save only the layer inputs: least memory, one extra forward
+      "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+  }
+  if policy not in policies:
+    raise ValueError(f"model.remat must be one of none/full/dots, got {policy!r}")
+  return jax.checkpoint(fn, policy=policies[policy], prevent_cse=False)
+
+
+def block(x_BxLxD: jax.Array, layer: dict[str, jax.Array], cfg: ModelConfig, cos_BxLxE: jax.Array,
+          sin_BxLxE: jax.Array, mask_Bx1x1xLxS: jax.Array) -> jax.Array:
+  """One pre-norm decoder block: x + attention(norm(x)), then + SwiGLU(norm(x))."""
+  h_BxLxD = rms_norm(x_BxLxD, layer["attn_norm"], cfg.rms_norm_eps)
+  x_BxLxD = x_BxLxD + attention(h_BxLxD, layer, cfg, cos_BxLxE, sin_BxLxE, mask_Bx1x1xLxS)
+  h_BxLxD = rms_norm(x_BxLxD, layer["mlp_norm"], cfg.rms_norm_eps)
+  gate_BxLxF = jnp.einsum("BLD,DF->BLF", h_BxLxD, layer["gate"])
+  up_BxLxF = jnp.einsum("BLD,DF->BLF", h_BxLxD, layer["up"])
+  mlp_BxLxF = sharding.constrain(jax.nn.silu(gate_BxLxF) * up_BxLxF, ("batch", "length", "mlp"))
+  x_BxLxD = x_BxLxD + jnp.einsum("BLF,FD->BLD", mlp_BxLxF, layer["down"])
+  return sharding.constrain(x_BxLxD, ("batch", "length", "embed"))
+
+
+def attention(x_BxLxD: jax.Array, layer: dict[str, jax.Array], cfg: ModelConfig, cos_BxLxE: jax.Array,
+              sin_BxLxE: jax.Array, mask_Bx1x1xLxS: jax.Array) -> jax.Array:
+  """Grouped-query attention with RoPE; softmax in float32."""
+  q_BxLxHxE = jnp.einsum("BLD,DHE->BLHE", x_BxLxD, layer["q"])
+  k_BxSxKxE = jnp.einsum("BSD,DKE->BSKE", x_BxLxD, layer["k"])
+  v_BxSxKxE = jnp.einsum("BSD,DKE->BSKE", x_BxLxD, layer["v"])
+  if cfg.qkv_bias:
+    q_BxLxHxE, k_BxSxKxE = q_BxLxHxE + layer["q_bias"], k_BxSxKxE + layer["k_bias"]
+    v_BxSxKxE = v_BxSxKxE + layer["v_bias"]
+  if cfg.qk_norm:  # Qwen3 normalizes each head before the rotation
+    q_BxLxHxE = rms_norm(q_BxLxHxE, layer["q_norm"], cfg.rms_norm_eps)
+    k_BxSxKxE = rms_norm(k_BxSxKxE, layer["k_norm"], cfg.rms_norm_eps)
+  q_BxLxHxE = apply_rope(q_BxLxHxE, cos_BxLxE, sin_BxLxE)
+  k_BxSxKxE = apply_rope(k_BxSxKxE, cos_BxLxE, sin_BxLxE)
+  b, l, h, e = q_BxLxHxE.shape
+  kv = cfg.num_kv_heads
+  q_BxLxKxGxE = q_BxLxHxE.reshape(b, l, kv, h // kv, e)
+  scores_BxKxGxLxS = jnp.einsum("BLKGE,BSKE->BKGLS", q_BxLxKxGxE, k_BxSxKxE,
+                                preferred_element_type=jnp.float32) / math.sqrt(e)
+  scores_BxKxGxLxS = jnp.where(mask_Bx1x1xLxS, scores_BxKxGxLxS, jnp.finfo(jnp.float32).min)
+  probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS, axis=-1).astype(v_BxSxKxE.dtype)
+  out_BxLxKxGxE = jnp.einsum("BKGLS,BSKE->BLKGE", probs_BxKxGxLxS, v_BxSxKxE)
+  return jnp.einsum("BLHE,HED->BLD", out_BxLxKxGxE.reshape(b, l, h, e), layer["o"])
+
+
+def attention_mask(segment_ids_BxL: jax.Array, positions_BxL: jax.Array, sliding_window: int | None
+                   ) -> jax.Array:
+  """Causal, same-segment, non-padding mask shaped (B, 1, 1, L, S) to broadcast over K and G.
+
+  Packed rows keep each example's tokens contiguous and in order, so causality is row order; segment equality
+  keeps packed examples from seeing each other; segment 0 is padding and is never attended to.
+  """
+  length = segment_ids_BxL.shape[1]
+  causal_LxS = jnp.tril(jnp.ones((length, length), bool))
+  same_BxLxS = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+  mask_BxLxS = causal_LxS[None] & same_BxLxS & (segment_ids_BxL[:, None, :] > 0)
+  if sliding_window is not None:
+    distance_BxLxS = positions_BxL[:, :, None] - positions_BxL[:, None, :]
+    mask_BxLxS &= distance_BxLxS < sliding_window
+  return mask_BxLxS[:, None, None]
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  """RMSNorm computed in float32 and cast back, as the Hugging Face reference does."""
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+  return weight.astype(x.dtype) * x32.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+  """Inverse frequencies (E/2,), with Llama-3 frequency-dependent scaling when the config asks for it."""
+  e = cfg.head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
+  scaling = cfg.rope_scaling_dict
+  if not scaling:
+    return inv_freq
+  factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+  old_len = scaling["original_max_position_embeddings"]
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+  smooth = (old_len / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def rope_tables(positions_BxL: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+  """cos and sin tables (B, L, E) in float32, halves duplicated (the Hugging Face rotate-half layout)."""
+  freqs_BxLxE2 = positions_BxL[..., None].astype(jnp.float32) * rope_inv_freq(cfg)
+  emb_BxLxE = jnp.concatenate([freqs_BxLxE2, freqs_BxLxE2], axis=-1)
+  return jnp.cos(emb_BxLxE), jnp.sin(emb_BxLxE)
+
+
+def apply_rope(x_BxLxHxE: jax.Array, cos_BxLxE: jax.Array, sin_BxLxE: jax.Array) -> jax.Array:
+  half = x_BxLxHxE.shape[-1] // 2
+  x32 = x_BxLxHxE.astype(jnp.float32)
+  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+  out = x32 * cos_BxLxE[:, :, None] + rotated * sin_BxLxE[:, :, None]
+  return out.astype(x_BxLxHxE.dtype)
