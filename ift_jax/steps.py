@@ -1,0 +1,151 @@
+"""The train step and the eval step, side by side: pure functions, jitted in one place with explicit shardings.
+
+A train batch is a dict of int32/float32 arrays shaped (A, B/A, L): A micro-batches for gradient accumulation
+(A = 1 without it), B global rows, L tokens. Keys: inputs, targets, weights, segment_ids, positions.
+An eval batch has the same keys shaped (B, L).
+The train state is a dict {"step", "params", "opt_state"} of arrays (float32 master weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ift_jax import losses, sharding
+
+BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRunner:
+  """How the model runs inside the steps: its graph, compute precision and rematerialization policy."""
+
+  graphdef: nnx.GraphDef
+  compute_dtype: Any = jnp.bfloat16
+  remat: str = "none"
+
+  def logits(self, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+    model = nnx.merge(self.graphdef, nnx.State(params))
+    return model(batch["inputs"], batch["positions"], batch["segment_ids"],
+                 compute_dtype=self.compute_dtype, remat=self.remat)
+
+
+def make_train_step(runner: ModelRunner, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule) -> Callable:
+  """Returns train_step(state, batch) -> (state, metrics), pure.
+
+  The loss is the cross-entropy summed over all target tokens of the global batch divided by their count,
+  computed before the micro-batch loop: accumulated gradients then equal one big batch's exactly, on any mesh.
+  """
+
+  def loss_fn(params, micro, total_weight):
+    sums = losses.weighted_sums(runner.logits(params, micro), micro["targets"], micro["weights"])
+    return sums["loss"] / total_weight, sums
+
+  def train_step(state, batch):
+    total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+
+    def accumulate(grads, micro):
+      (_, sums), micro_grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], micro, total_weight)
+      return jax.tree.map(jnp.add, grads, micro_grads), sums
+
+    zeros = jax.tree.map(jnp.zeros_like, state["params"])
+    grads, sums_A = jax.lax.scan(accumulate, zeros, batch)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
+                 "opt_state": opt_state}
+    metrics = {
+        "loss": jnp.sum(sums_A["loss"]) / total_weight,
+        "token_accuracy": jnp.sum(sums_A["correct"]) / total_weight,
+        "target_tokens": jnp.sum(sums_A["weight"]),
+        "grad_norm": optax.tree.norm(grads),
+        "lr": schedule(state["step"]),
+    }
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(runner: ModelRunner, num_slots: int) -> Callable:
+  """Returns eval_step(params, batch) -> per-example sums, each (B, num_slots); see losses.per_segment_sums."""
+
+  def eval_step(params, batch):
+    logits_BxLxV = runner.logits(params, batch)
+    return losses.per_segment_sums(logits_BxLxV, batch["targets"], batch["weights"], batch["segment_ids"],
+                                   num_slots)
+
+  return eval_step
+
+
+def opt_state_shardings(optimizer: optax.GradientTransformation, abstract_params: Any,
+                        param_shardings: Any, mesh: Mesh) -> Any:
+  """Each optimizer leaf shaped like a parameter (Adam's moments) takes that parameter's sharding; the rest
+  (step counts) is replicated."""
+  by_path = {}
+  jax.tree_util.tree_map_with_path(
+      lambda path, x, s: by_path.setdefault(jax.tree_util.keystr(path), (x.shape, s)),
+      abstract_params, param_shardings)
+  replicated = NamedSharding(mesh, P())
+
+  def pick(path, leaf):
+    key = jax.tree_util.keystr(path)
+    for param_key, (shape, s) in by_path.items():
+      if key.endswith(param_key) and leaf.shape == shape:
+        return s
+    return replicated
+
+  abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+  return jax.tree_util.tree_map_with_path(pick, abstract_opt)
+
+
+def state_shardings(optimizer: optax.GradientTransformation, abstract_params: Any, param_shardings: Any,
+                    mesh: Mesh) -> dict[str, Any]:
+  return {"step": NamedSharding(mesh, P()), "params": param_shardings,
+          "opt_state": opt_state_shardings(optimizer, abstract_params, param_shardings, mesh)}
+
+
+def train_batch_sharding(mesh: Mesh) -> NamedSharding:
+  # (A, B/A, L): every micro-batch spread over all data-parallel devices; the accumulation axis is looped over.
+  return NamedSharding(mesh, sharding.logical_to_spec((None, "batch", "length")))
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledSteps:
+  init: Callable  # params -> state
+  train: Callable  # (state, batch) -> (state, metrics); state donated
+  eval: Callable  # (params, batch) -> per-example sums
+
+
+def jit_steps(runner: ModelRunner, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
+              mesh: Mesh, abstract_params: Any, param_shardings: Any, num_slots: int) -> CompiledSteps:
+  """The one place steps are jitted, with every input and output sharding spelled out."""
+  state_sh = state_shardings(optimizer, abstract_params, param_shardings, mesh)
+  replicated = NamedSharding(mesh, P())  # scalar metrics: every process can read them
+  train_batch_sh = {k: train_batch_sharding(mesh) for k in BATCH_KEYS}
+  eval_batch_sh = {k: sharding.batch_sharding(mesh) for k in BATCH_KEYS}
+  # Per-example sums stay split over rows like the batch: each device reduces its own rows.
+  eval_out_sh = sharding.named_sharding(mesh, ("batch", None))
+
+  def init(params):
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
+
+  def traced(fn):  # trace under the mesh so the model's logical activation constraints apply
+    def wrapped(*args):
+      with sharding.use_mesh(mesh):
+        return fn(*args)
+    return wrapped
+
+  return CompiledSteps(
+      init=jax.jit(init, in_shardings=(param_shardings,), out_shardings=state_sh, donate_argnums=0),
+      train=jax.jit(traced(make_train_step(runner, optimizer, schedule)),
+                    in_shardings=(state_sh, train_batch_sh), out_shardings=(state_sh, replicated),
+                    donate_argnums=0),
+      eval=jax.jit(traced(make_eval_step(runner, num_slots)),
+                   in_shardings=(param_shardings, eval_batch_sh), out_shardings=eval_out_sh),
+  )

@@ -1,0 +1,89 @@
+"""Equivalences the train step must keep: sharded = single device, accumulated = one batch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ift_jax import optim, sharding, steps
+from ift_jax.model import load
+from ift_jax.model.config import ModelConfig
+
+CFG = ModelConfig.from_hf(dict(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+
+
+def _batch(rows=8, length=16, seed=0):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(1, 64, size=(rows, length + 1)).astype(np.int32)
+  # two examples per row with different lengths, prompt positions weighted 0
+  split = rng.integers(4, length - 4, size=rows)
+  seg = np.where(np.arange(length)[None] < split[:, None], 1, 2).astype(np.int32)
+  pos = np.where(seg == 1, np.arange(length)[None], np.arange(length)[None] - split[:, None]).astype(np.int32)
+  weights = (rng.random((rows, length)) < 0.4).astype(np.float32)
+  weights[-1, -5:] = 0.0
+  seg[-1, -5:] = 0  # some padding
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights, "segment_ids": seg,
+          "positions": pos}
+
+
+def _run(mesh, batch, accum, n_steps=2, compute_dtype=jnp.float32):
+  optimizer = optim.make_optimizer(lr=1e-2, warmup_steps=1, total_steps=10, end_lr_ratio=0.1, weight_decay=0.1,
+                                   b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0)
+  schedule = optim.learning_rate_schedule(lr=1e-2, warmup_steps=1, total_steps=10, end_lr_ratio=0.1)
+  graphdef, abstract, _ = load.abstract_model(CFG)
+  param_sh = load.param_shardings(mesh, CFG)
+  params = jax.device_put(jax.device_get(load.init_params(CFG, mesh, seed=0)), param_sh)
+  runner = steps.ModelRunner(graphdef, compute_dtype=compute_dtype)
+  compiled = steps.jit_steps(runner, optimizer, schedule, mesh=mesh, abstract_params=abstract,
+                             param_shardings=param_sh, num_slots=4)
+  state = compiled.init(params)
+  micro = {k: v.reshape(accum, -1, *v.shape[1:]) for k, v in batch.items()}
+  history = []
+  for _ in range(n_steps):
+    state, metrics = compiled.train(state, micro)
+    history.append(jax.device_get(metrics))
+  return jax.device_get(state["params"]), history
+
+
+def _single():
+  return sharding.make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
+
+
+def _assert_same(a, b, atol):
+  (pa, ha), (pb, hb) = a, b
+  for ma, mb in zip(ha, hb):
+    for key in ("loss", "token_accuracy", "grad_norm", "target_tokens"):
+      np.testing.assert_allclose(ma[key], mb[key], atol=atol, rtol=0, err_msg=key)
+  # Adam divides by sqrt(v): a gradient that is ~0 turns float32 summation-order noise into a visible update,
+  # so weights get a looser bound than the metrics (a normalization bug moves loss and grad_norm by far more).
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=5 * atol, rtol=0), pa, pb)
+
+
+def test_sharded_2x2x2_matches_single_device():
+  batch = _batch()
+  _assert_same(_run(sharding.make_mesh(data=2, fsdp=2, tensor=2), batch, 1), _run(_single(), batch, 1), 2e-5)
+
+
+def test_accumulating_4_micro_batches_matches_one_batch():
+  batch = _batch()
+  _assert_same(_run(_single(), batch, 4), _run(_single(), batch, 1), 2e-5)
+
+
+def test_per_segment_sums_match_whole_batch_sums():
+  batch = {k: jnp.asarray(v) for k, v in _batch().items()}
+  logits = jax.random.normal(jax.random.key(0), (*batch["targets"].shape, 64))
+  from ift_jax import losses
+  per = losses.per_segment_sums(logits, batch["targets"], batch["weights"], batch["segment_ids"], num_slots=3)
+  total = losses.weighted_sums(logits, batch["targets"], batch["weights"])
+  for key in ("loss", "correct", "weight"):
+    np.testing.assert_allclose(per[key].sum(), total[key], rtol=1e-6)
+  assert float(per["weight"][:, 0].sum()) == 0.0  # padding slot carries no weight
+
+
+def test_decay_mask_skips_norms_and_biases():
+  from ift_jax.optim import decay_mask
+  _, abstract, _ = load.abstract_model(CFG)
+  mask = decay_mask(abstract)
+  assert mask["layers"]["q"] and mask["embed"] and mask["lm_head"]
+  assert not mask["layers"]["attn_norm"] and not mask["layers"]["q_bias"] and not mask["final_norm"]
