@@ -1,0 +1,186 @@
+"""(prompt, completion) -> token ids and loss weights, cut to fit a sequence length.
+
+An Example holds ids = prompt_ids + completion_ids + [eos] and weights 0 on the prompt, 1 on the completion
+and EOS: the model learns only what it should produce. With a tokenizer that adds BOS (<s>=2) by default,
+"Review: Fun.\\nSentiment:" -> [2, 40, 41, 42, 43] and " positive" -> [50], eos </s>=3:
+
+  ids      = [2, 40, 41, 42, 43, 50, 3]
+  weights  = [0,  0,  0,  0,  0,  1, 1]
+
+A row of seq_len slots holds inputs ids[:-1] and targets ids[1:] (see pack.py), so an example may have at
+most seq_len + 1 tokens. A longer one has the longest record field its prompt uses cut (keeping the head)
+and the prompt re-rendered, so the instruction and the answer cue ("Sentiment:") survive; if that cannot
+make it fit, or the completion alone does not fit, the example is dropped. Both are counted per template.
+"""
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ift_jax.data.templates import Template
+from ift_jax.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: numpy arrays have no truth value for ==
+class Example:
+  """One tokenized example.
+
+  Attributes:
+    ids: int32 (n,) token ids, prompt then completion then EOS.
+    weights: float32 (n,) loss weight of each token as a target: 0 prompt, 1 completion and EOS.
+    template: "source/template" that produced it.
+    record_index: index of the record in its split.
+  """
+  ids: np.ndarray
+  weights: np.ndarray
+  template: str
+  record_index: int
+
+
+@dataclasses.dataclass
+class TemplateCounts:
+  """Per-template counters (mutable: tokenize() increments them as it goes)."""
+  examples: int = 0
+  truncated: int = 0
+  dropped: int = 0
+
+
+@dataclasses.dataclass
+class TokenizeStats:
+  """What tokenization did, per "source/template" (mutable accumulator passed to `tokenize`)."""
+  counts: dict[str, TemplateCounts] = dataclasses.field(default_factory=dict)
+
+  def add(self, template: str, *, examples: int = 0, truncated: int = 0, dropped: int = 0) -> None:
+    c = self.counts.setdefault(template, TemplateCounts())
+    c.examples += examples
+    c.truncated += truncated
+    c.dropped += dropped
+
+  def total(self) -> TemplateCounts:
+    return TemplateCounts(examples=sum(c.examples for c in self.counts.values()),
+                          truncated=sum(c.truncated for c in self.counts.values()),
+                          dropped=sum(c.dropped for c in self.counts.values()))
+
+  def summary(self) -> str:
+    """One line, e.g. "2960 examples (12 truncated, 1 dropped); imdb/sentiment: 2960/12/1"."""
+    t = self.total()
+    parts = [f"{name}: {c.examples}/{c.truncated}/{c.dropped}" for name, c in sorted(self.counts.items())]
+    return (f"{t.examples} examples ({t.truncated} truncated, {t.dropped} dropped); "
+            f"per template examples/truncated/dropped: {', '.join(parts) or 'none'}")
+
+
+def tokenize(tokenizer: Any, template: Template, record: Mapping[str, Any], *, seq_len: int, chat: bool,
+             stats: TokenizeStats, source: str = "", record_index: int = 0) -> Example | None:
+  """Renders and tokenizes one record; None if it cannot fit in seq_len + 1 tokens (counted in stats).
+
+  Args:
+    tokenizer: a Hugging Face tokenizer (fast tokenizers cut fields at exact character offsets).
+    template: renders the record to (prompt, completion).
+    record: the record's fields.
+    seq_len: row length; the example may have up to seq_len + 1 tokens.
+    chat: wrap the prompt as one user turn with the tokenizer's chat template (generation prompt added).
+    stats: per-template counts of examples, truncated and dropped.
+    source: source name, for Example.template = "source/template".
+    record_index: the record's index, kept in the Example and named in errors.
+
+  Raises:
+    UserError: the completion renders empty, the tokenizer has no EOS, or (chat) no chat template.
+  """
+  name = f"{source}/{template.name}" if source else template.name
+  prompt, completion = template.render(record)
+  if not completion.strip():
+    raise UserError(f"template {name} ({template.origin}) renders an empty completion for record "
+                    f"{record_index}; fix the record or the template's completion")
+  completion_ids = _encode(tokenizer, completion) + [_eos_id(tokenizer)]
+  prompt_ids = _prompt_ids(tokenizer, prompt, chat=chat)
+  budget = seq_len + 1 - len(completion_ids)  # tokens left for the prompt
+  truncated = len(prompt_ids) > budget
+  if truncated:
+    prompt_ids = _truncate(tokenizer, template, record, budget=budget, excess=len(prompt_ids) - budget,
+                           chat=chat)
+  if prompt_ids is None:
+    stats.add(name, dropped=1)
+    return None
+  stats.add(name, examples=1, truncated=int(truncated))
+  ids = np.asarray(prompt_ids + completion_ids, dtype=np.int32)
+  weights = np.concatenate([np.zeros(len(prompt_ids), np.float32), np.ones(len(completion_ids), np.float32)])
+  return Example(ids=ids, weights=weights, template=name, record_index=record_index)
+
+
+def tokenize_split(tokenizer: Any, templates: Mapping[str, Template], records: Sequence[Mapping[str, Any]],
+                   *, source: str, seq_len: int, chat: bool, stats: TokenizeStats) -> list[Example]:
+  """Applies every template to every record: for each record, templates in sorted name order.
+
+  Record-major order keeps one record's examples together, so next-fit packing puts them in nearby rows
+  and a split's examples interleave templates evenly.
+  """
+  examples = []
+  for index, record in enumerate(records):
+    for name in sorted(templates):
+      example = tokenize(tokenizer, templates[name], record, seq_len=seq_len, chat=chat, stats=stats,
+                         source=source, record_index=index)
+      if example is not None:
+        examples.append(example)
+  return examples
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+  return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def _eos_id(tokenizer: Any) -> int:
+  if tokenizer.eos_token_id is None:
+    raise UserError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no eos_token; set eos_token "
+                    "in its tokenizer_config.json")
+  return int(tokenizer.eos_token_id)
+
+
+def _prompt_ids(tokenizer: Any, prompt: str, *, chat: bool) -> list[int]:
+  """Default special tokens for plain prompts; none for chat, whose template writes them itself."""
+  if not chat:
+    return list(tokenizer(prompt).input_ids)
+  if not getattr(tokenizer, "chat_template", None):
+    raise UserError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; set "
+                    "data.chat=False or use a tokenizer with a chat_template")
+  text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+  return _encode(tokenizer, text)
+
+
+def _truncate(tokenizer: Any, template: Template, record: Mapping[str, Any], *, budget: int, excess: int,
+              chat: bool) -> list[int] | None:
+  """Cuts the prompt's longest string field (by tokens, keeping the head) until the prompt fits `budget`.
+
+  Re-renders and re-tokenizes after each cut, because tokens can merge across the cut and the prompt's
+  own text can tokenize differently in context. Returns None if the field would have to vanish: a
+  review cut to nothing teaches nothing.
+  """
+  candidates = sorted(f for f in template.prompt_fields if isinstance(record.get(f), str))
+  if not candidates or budget <= 0:
+    return None
+  # The longest field by tokens (ties: first by name), with its text heads.
+  field, (n_tokens, head) = max(((f, _heads(tokenizer, record[f])) for f in candidates),
+                                key=lambda item: item[1][0])
+  keep = n_tokens
+  while True:
+    keep -= excess
+    if keep <= 0:
+      return None
+    prompt, _ = template.render(record, overrides={field: head(keep)})
+    prompt_ids = _prompt_ids(tokenizer, prompt, chat=chat)
+    excess = len(prompt_ids) - budget
+    if excess <= 0:
+      return prompt_ids
+
+
+def _heads(tokenizer: Any, text: str) -> tuple[int, Callable[[int], str]]:
+  """(number of tokens of text, k -> the text of its first k tokens)."""
+  if getattr(tokenizer, "is_fast", False):
+    # Fast tokenizers give character offsets: cut the original text exactly, no decode round trip.
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True).offset_mapping
+    ends = np.maximum.accumulate([0] + [end for _, end in offsets])  # monotone despite odd offsets
+    return len(offsets), lambda k: text[:int(ends[k])]
+  ids = _encode(tokenizer, text)
+  return len(ids), lambda k: tokenizer.decode(ids[:k], skip_special_tokens=True)
