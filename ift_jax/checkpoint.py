@@ -1,0 +1,88 @@
+"""Orbax checkpoints in the workdir: full weights, optimizer state, step, loader position, resolved config.
+
+    DIR/checkpoints/<step>/   the last `keep` checkpoints (rerunning the same command resumes from the newest)
+    DIR/best/<step>/          the best one by a validation metric
+
+Each save is atomic (Orbax writes to a temporary directory and renames it when complete), so a run killed while
+saving leaves the previous checkpoint as the latest. Restoring takes the target shardings of the current mesh,
+so a checkpoint written on one mesh restores onto another.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from ift_jax.errors import UserError
+
+
+def _manager(directory: pathlib.Path, keep: int) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
+  return ocp.CheckpointManager(directory.absolute(), options=options, item_names=("state", "loader", "config"))
+
+
+class Checkpointer:
+  """Saves and restores (state, loader position, config) under a workdir."""
+
+  def __init__(self, workdir: str | pathlib.Path, *, keep: int):
+    self.workdir = pathlib.Path(workdir)
+    self._latest = _manager(self.workdir / "checkpoints", keep)
+    self._best = _manager(self.workdir / "best", 1)
+
+  def latest_step(self) -> int | None:
+    return self._latest.latest_step()
+
+  def best_step(self) -> int | None:
+    return self._best.latest_step()
+
+  def save(self, step: int, state: Any, loader_state: dict[str, Any], config: dict[str, Any], *,
+           best: bool = False) -> None:
+    """Starts an asynchronous save; `wait()` (or the next save) makes sure it is finished."""
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), loader=ocp.args.JsonSave(loader_state),
+                              config=ocp.args.JsonSave(config))
+    self._latest.save(step, args=args)
+    if best:
+      self._best.save(step, args=args)
+
+  def restore(self, abstract_state: Any, *, step: int | str = "latest") -> tuple[Any, dict, dict]:
+    """(state, loader state, config) of `step` ("latest", "best" or a number), laid out as `abstract_state`."""
+    manager, number = self._resolve(step)
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), loader=ocp.args.JsonRestore(),
+                              config=ocp.args.JsonRestore())
+    restored = manager.restore(number, args=args)
+    return restored["state"], dict(restored["loader"]), dict(restored["config"])
+
+  def restore_config(self, *, step: int | str = "latest") -> dict[str, Any]:
+    manager, number = self._resolve(step)
+    restored = manager.restore(number, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return dict(restored["config"])
+
+  def _resolve(self, step: int | str) -> tuple[ocp.CheckpointManager, int]:
+    if step == "best":
+      manager, number = self._best, self._best.latest_step()
+    elif step == "latest":
+      manager, number = self._latest, self._latest.latest_step()
+    else:
+      manager, number = self._latest, int(step)
+      if number not in manager.all_steps():
+        raise UserError(f"--checkpoint={step}: no such step in {self.workdir}/checkpoints; have "
+                        f"{sorted(manager.all_steps())}")
+    if number is None:
+      raise UserError(f"{self.workdir}: no {step} checkpoint; train first (ift-jax train --workdir=...)")
+    return manager, number
+
+  def wait(self) -> None:
+    self._latest.wait_until_finished()
+    self._best.wait_until_finished()
+
+  def close(self) -> None:
+    self._latest.close()
+    self._best.close()
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs with target shardings: what `restore` lays the checkpoint out as."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -1,0 +1,56 @@
+"""`ift-jax train | eval | render`: flags → config → one call into the package. Short on purpose.
+
+    ift-jax train  [--config=configs/NAME.py] [--workdir=DIR] [--config.section.key=value ...]
+    ift-jax eval   --workdir=DIR [--checkpoint=latest|best|STEP]
+    ift-jax render [--config=...] [--split=train] [--num_examples=3]
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import sys
+
+from absl import app, flags
+from ml_collections import config_dict, config_flags
+
+from ift_jax.errors import UserError
+
+_DEFAULT_CONFIG = str(pathlib.Path(__file__).parent / "configs" / "default.py")
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file with get_config().")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Run directory: checkpoints, metrics, TensorBoard.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "eval: latest, best or a step number.")
+_SPLIT = flags.DEFINE_enum("split", "train", ["train", "validation", "test"], "render: which split.")
+_NUM = flags.DEFINE_integer("num_examples", 3, "render: how many examples to show.")
+
+COMMANDS = ("train", "eval", "render")
+
+
+def _main(argv: list[str]) -> int:
+  if len(argv) != 2 or argv[1] not in COMMANDS:
+    raise app.UsageError(f"usage: ift-jax {{{'|'.join(COMMANDS)}}} [flags]; got {argv[1:]}")
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file operation at INFO
+  absl_logging.use_python_logging()
+  logging.getLogger("ift_jax").setLevel(logging.INFO)
+  from ift_jax import train  # after flag parsing: importing jax reads XLA flags from the environment
+  try:
+    if argv[1] == "train":
+      train.train(_CONFIG.value, _WORKDIR.value)
+    elif argv[1] == "eval":
+      train.evaluate_checkpoint(_WORKDIR.value, _CHECKPOINT.value)
+    else:
+      print(train.render(_CONFIG.value, split=_SPLIT.value, num_examples=_NUM.value))
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except train.NonFiniteLoss as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 3
+  return 0
+
+
+def main() -> None:
+  os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+  app.run(_main)

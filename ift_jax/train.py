@@ -1,0 +1,264 @@
+"""Wiring and the training loop: the only module that reads the whole config.
+
+config → mesh → pretrained model + tokenizer → templated, tokenized splits → loader → sharded state →
+jitted steps → loop (train, validate, checkpoint) → test metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ift_jax import checkpoint, evaluate, optim, sharding, steps
+from ift_jax.data import loader
+from ift_jax.errors import UserError
+from ift_jax.metrics_log import MetricsLog, format_metrics
+from ift_jax.model import load
+
+_log = logging.getLogger(__name__)
+_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+
+
+class NonFiniteLoss(RuntimeError):
+  """The loss or gradient went NaN/inf: the run stops and keeps its last good checkpoint."""
+
+
+@dataclasses.dataclass
+class Session:
+  """Everything a run needs, built once from the config."""
+
+  config: Any
+  workdir: pathlib.Path
+  mesh: Any
+  tokenizer: Any
+  prepared: loader.Prepared
+  train_loader: loader.TrainLoader
+  total_steps: int
+  compiled: steps.CompiledSteps
+  state_shardings: Any
+  abstract_state: Any
+  checkpointer: checkpoint.Checkpointer
+  pretrained: load.Pretrained
+
+
+def validate_config(c: Any) -> None:
+  """Fails fast, naming the field and the fix."""
+  if c.model.compute_dtype not in _DTYPES:
+    raise UserError(f"model.compute_dtype={c.model.compute_dtype!r}: use one of {', '.join(_DTYPES)}")
+  if c.model.remat not in ("none", "full", "dots"):
+    raise UserError(f"model.remat={c.model.remat!r}: use none, full or dots")
+  if c.data.seq_len < 8:
+    raise UserError(f"data.seq_len={c.data.seq_len}: use at least 8 tokens")
+  if c.train.steps <= 0 and c.train.epochs <= 0:
+    raise UserError("train.steps and train.epochs are both 0: set one of them")
+  for key in ("batch_size", "grad_accum", "eval_every", "eval_batch_size", "log_every"):
+    if getattr(c.train, key) <= 0:
+      raise UserError(f"train.{key}={getattr(c.train, key)}: must be positive")
+  if c.checkpoint.every <= 0 or c.checkpoint.keep <= 0:
+    raise UserError("checkpoint.every and checkpoint.keep must be positive")
+  if c.checkpoint.best_mode not in ("min", "max"):
+    raise UserError(f"checkpoint.best_mode={c.checkpoint.best_mode!r}: use min or max")
+
+
+def _check_batch(c: Any, mesh: Any) -> None:
+  data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+  for key, size, per in (("batch_size", c.train.batch_size, c.train.grad_accum * data_parallel),
+                         ("eval_batch_size", c.train.eval_batch_size, data_parallel)):
+    if size % per or size % jax.process_count():
+      raise UserError(f"train.{key}={size} must divide by {per} (micro-batches × data×fsdp devices) and by "
+                      f"{jax.process_count()} processes; use a multiple of {math.lcm(per, jax.process_count())}")
+
+
+def build_session(c: Any, workdir: str | pathlib.Path) -> Session:
+  validate_config(c)
+  mesh = sharding.make_mesh(data=c.mesh.data, fsdp=c.mesh.fsdp, tensor=c.mesh.tensor)
+  _check_batch(c, mesh)
+  pretrained = load.open_pretrained(c.model.path)
+  tokenizer = pretrained.load_tokenizer()
+  prepared = prepare_data(c, tokenizer)
+  train_loader = loader.TrainLoader(
+      prepared.splits["train"], seq_len=c.data.seq_len, batch_size=c.train.batch_size,
+      grad_accum=c.train.grad_accum, packed=c.data.packing, seed=c.seed, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  total = c.train.steps if c.train.steps > 0 else train_loader.steps_for_epochs(c.train.epochs)
+  graphdef, abstract_params, _ = load.abstract_model(pretrained.cfg)
+  param_sh = load.param_shardings(mesh, pretrained.cfg)
+  schedule = optim.learning_rate_schedule(lr=c.optim.lr, warmup_steps=c.optim.warmup_steps, total_steps=total,
+                                          end_lr_ratio=c.optim.end_lr_ratio)
+  optimizer = optim.make_optimizer(
+      lr=c.optim.lr, warmup_steps=c.optim.warmup_steps, total_steps=total, end_lr_ratio=c.optim.end_lr_ratio,
+      weight_decay=c.optim.weight_decay, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps,
+      clip_norm=c.optim.clip_norm)
+  eval_examples = prepared.splits["validation"] + prepared.splits["test"]
+  slots = 1 + loader.max_segments(eval_examples, seq_len=c.data.seq_len, packed=c.data.packing)
+  runner = steps.ModelRunner(graphdef, compute_dtype=_DTYPES[c.model.compute_dtype], remat=c.model.remat)
+  compiled = steps.jit_steps(runner, optimizer, schedule, mesh=mesh, abstract_params=abstract_params,
+                             param_shardings=param_sh, num_slots=-(-slots // 8) * 8)
+  state_sh = steps.state_shardings(optimizer, abstract_params, param_sh, mesh)
+  abstract_state = checkpoint.abstract_like(jax.eval_shape(compiled.init, abstract_params), state_sh)
+  return Session(c, pathlib.Path(workdir), mesh, tokenizer, prepared, train_loader, total, compiled, state_sh,
+                 abstract_state, checkpoint.Checkpointer(workdir, keep=c.checkpoint.keep), pretrained)
+
+
+def prepare_data(c: Any, tokenizer: Any) -> loader.Prepared:
+  prepared = loader.prepare(
+      tokenizer, source_specs=[s.strip() for s in c.data.source.split(",") if s.strip()],
+      templates_spec=c.data.templates, seq_len=c.data.seq_len, chat=c.data.chat, seed=c.seed,
+      validation_fraction=c.data.validation_fraction, test_fraction=c.data.test_fraction,
+      skip_malformed=c.data.skip_malformed, max_train_examples=c.data.max_train_examples,
+      max_eval_examples=c.data.max_eval_examples)
+  for note in prepared.notes:
+    _log.info("%s", note)
+  return prepared
+
+
+def _start(s: Session, log: MetricsLog) -> tuple[Any, loader.Position, float | None]:
+  """Fresh state from the pretrained weights, or the latest checkpoint when the workdir has one."""
+  if s.checkpointer.latest_step() is None:
+    params = load.load_params(s.pretrained, s.mesh)
+    return s.compiled.init(params), loader.Position(), None
+  state, loader_state, saved_config = s.checkpointer.restore(s.abstract_state)
+  _warn_config_changes(saved_config, s.config.to_dict())
+  step = int(state["step"])
+  log.truncate_after(step)
+  log.echo(f"resuming from {s.workdir}/checkpoints/{step} (epoch {loader_state['epoch']}, "
+           f"batch {loader_state['batch']})")
+  return state, loader.Position(loader_state["epoch"], loader_state["batch"]), loader_state.get("best")
+
+
+def _warn_config_changes(saved: dict, current: dict, prefix: str = "") -> None:
+  for key in sorted(set(saved) | set(current)):
+    a, b = saved.get(key), current.get(key)
+    if isinstance(a, dict) and isinstance(b, dict):
+      _warn_config_changes(a, b, f"{prefix}{key}.")
+    elif a != b:
+      _log.warning("config %s%s changed since the checkpoint: %r -> %r", prefix, key, a, b)
+
+
+def run_eval(s: Session, params: Any, split: str) -> dict[str, float]:
+  metrics = evaluate.evaluate(s.compiled.eval, params, s.prepared.splits[split], mesh=s.mesh,
+                              seq_len=s.config.data.seq_len, batch_size=s.config.train.eval_batch_size,
+                              packed=s.config.data.packing)
+  return {f"{split}/{k}": v for k, v in metrics.items()}
+
+
+def _improved(metrics: dict[str, float], best: float | None, c: Any) -> bool:
+  value = metrics.get(c.checkpoint.best_metric)
+  if value is None:
+    raise UserError(f"checkpoint.best_metric={c.checkpoint.best_metric!r} is not a validation metric; use e.g. "
+                    "validation/loss or validation/exact_match")
+  return best is None or (value < best if c.checkpoint.best_mode == "min" else value > best)
+
+
+def _check_finite(metrics: dict[str, Any], step: int, position: loader.Position, s: Session) -> None:
+  if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
+    last = s.checkpointer.latest_step()
+    raise NonFiniteLoss(f"step {step}: loss {metrics['loss']}, grad norm {metrics['grad_norm']} on batch "
+                        f"{position.batch} of epoch {position.epoch}; stopped without saving: the last good "
+                        f"checkpoint is {last if last is not None else 'none (pretrained weights)'} in "
+                        f"{s.workdir}/checkpoints; lower optim.lr or check that batch's data")
+
+
+def train(c: Any, workdir: str | pathlib.Path) -> dict[str, float]:
+  """Trains (or resumes) to the configured number of steps, then reports test metrics."""
+  s = build_session(c, workdir)
+  log = MetricsLog(s.workdir)
+  state, position, best = _start(s, log)
+  if int(state["step"]) == 0:
+    log.write(0, run_eval(s, state["params"], "validation"), echo="validation, base model")
+  state, best = _loop(s, log, state, position, best)
+  test = run_eval(s, state["params"], "test")
+  log.write(s.total_steps, test, echo="test, fine-tuned model")
+  log.write_json("test_metrics.json", {"step": s.total_steps, **test})
+  s.checkpointer.close()
+  log.close()
+  return test
+
+
+def _loop(s: Session, log: MetricsLog, state: Any, position: loader.Position, best: float | None):
+  c = s.config
+  batch_sh = steps.train_batch_sharding(s.mesh)
+  pending = None  # (step, metrics, position, tokens, t0): fetched after the next step is dispatched
+  progress = log.progress(initial=int(state["step"]), total=s.total_steps)
+  for step in range(int(state["step"]) + 1, s.total_steps + 1):
+    local, following = s.train_loader.batch(position)
+    t0 = time.perf_counter()
+    state, metrics = s.compiled.train(state, evaluate.to_global(s.mesh, local, batch_sh))
+    if pending is not None:
+      _log_train(s, log, progress, *pending)
+    pending = (step, metrics, position, int((local["segment_ids"] > 0).sum()) * jax.process_count(), t0)
+    if step % c.train.eval_every == 0 or step == s.total_steps:
+      _log_train(s, log, progress, *pending)
+      pending = None
+      validation = run_eval(s, state["params"], "validation")
+      log.write(step, validation, echo=f"validation, step {step}")
+      improved = _improved(validation, best, c)
+      best = validation[c.checkpoint.best_metric] if improved else best
+    else:
+      improved = False
+    if step % c.checkpoint.every == 0 or step == s.total_steps or improved:
+      if pending is not None:  # never save an update whose loss we have not seen to be finite
+        _log_train(s, log, progress, *pending)
+        pending = None
+      loader_state = {**following.to_json(), "best": best}
+      s.checkpointer.save(step, state, loader_state, c.to_dict(), best=improved)
+    position = following
+  if pending is not None:
+    _log_train(s, log, progress, *pending)
+  progress.close()
+  s.checkpointer.wait()
+  return state, best
+
+
+def _log_train(s: Session, log: MetricsLog, progress: Any, step: int, metrics: Any, position: loader.Position,
+               tokens: int, t0: float) -> None:
+  values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  _check_finite(values, step, position, s)
+  tokens_per_s = tokens / max(time.perf_counter() - t0, 1e-9)
+  progress.update(step - progress.n)
+  progress.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{tokens_per_s:.0f}")
+  if step % s.config.train.log_every == 0 or step == s.total_steps:
+    log.write(step, {**{f"train/{k}": v for k, v in values.items()}, "train/tokens_per_s": tokens_per_s})
+
+
+def evaluate_checkpoint(workdir: str | pathlib.Path, which: str = "latest") -> dict[str, float]:
+  """Validation and test metrics of a workdir's checkpoint ("latest", "best" or a step), with its own config."""
+  from ml_collections import config_dict
+  saved = checkpoint.Checkpointer(workdir, keep=1_000_000).restore_config(step=which)
+  s = build_session(config_dict.ConfigDict(saved), workdir)
+  state, _, _ = s.checkpointer.restore(s.abstract_state, step=which)
+  step = int(state["step"])
+  log = MetricsLog(s.workdir)
+  metrics = {"step": step}
+  for split in ("validation", "test"):
+    metrics.update(run_eval(s, state["params"], split))
+    log.echo(f"[{split}, checkpoint {which} = step {step}] " + format_metrics(
+        {k: v for k, v in metrics.items() if k.startswith(split)}))
+  log.write_json(f"eval_metrics_step{step}.json", metrics)
+  s.checkpointer.close()
+  log.close()
+  return metrics
+
+
+def render(c: Any, *, split: str, num_examples: int) -> str:
+  """The first examples of a split as tokens with their loss weights, to check masking by eye."""
+  validate_config(c)
+  tokenizer = load.open_pretrained(c.model.path).load_tokenizer()
+  prepared = prepare_data(c, tokenizer)
+  blocks = list(prepared.notes)
+  for example in prepared.splits[split][:num_examples]:
+    blocks.append(f"\n== {example.template} (record {example.record_index}, {len(example.ids)} tokens; "
+                  "weight 1 = trained on)")
+    for token_id, weight in zip(example.ids.tolist(), example.weights.tolist()):
+      text = tokenizer.convert_ids_to_tokens(token_id)
+      blocks.append(f"  {weight:g} | {token_id:>7} | {text!r}")
+  return "\n".join(blocks)
