@@ -53,8 +53,9 @@ def _open_gguf(p: pathlib.Path) -> Pretrained:
   if not p.is_file():
     raise UserError(f"model.path={str(p)!r}: GGUF file not found")
   from ift_jax.model import gguf  # the gguf package is only needed for GGUF models
-  cfg = ModelConfig.from_hf(gguf.gguf_hf_config(p), origin=str(p))
-  return Pretrained(cfg, gguf.GGUFTensors(p), lambda: gguf.gguf_tokenizer(p), str(p))
+  tensors = gguf.GGUFTensors(p)  # parses the header once; tensors are dequantized on demand
+  cfg = ModelConfig.from_hf(tensors.config, origin=str(p))
+  return Pretrained(cfg, tensors, lambda: gguf.gguf_tokenizer(p), str(p))
 
 
 def _hf_tokenizer(folder: pathlib.Path) -> Any:

