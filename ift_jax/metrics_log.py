@@ -50,13 +50,18 @@ class MetricsLog:
     if echo:
       self.echo(f"[{echo}] " + format_metrics(metrics))
 
+  def read(self) -> list[dict[str, Any]]:
+    if not self.path.exists():
+      return []
+    return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
   def truncate_after(self, step: int) -> None:
     """On resume, drops lines the interrupted run wrote after its last checkpoint: they will be rewritten."""
     if not self.enabled or not self.path.exists():
       return
-    lines = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+    rows = [row for row in self.read() if row["step"] <= step]
     tmp = self.path.with_suffix(".tmp")
-    tmp.write_text("".join(l + "\n" for l in lines))
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
     os.replace(tmp, self.path)
 
   def write_json(self, name: str, payload: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ift_jax.errors import UserError
 
+_log = logging.getLogger(__name__)
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis -> mesh axes. Parameters are stored sharded over `fsdp` on their embed dimension (ZeRO-3 style:
@@ -72,7 +73,7 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int] | N
     if shape is not None and mesh is not None and axes:
       size = math.prod(mesh.shape[a] for a in axes)
       if shape[i] % size:
-        logging.info("replicating dim %d (%s, size %d) not divisible by mesh axes %s", i, name, shape[i], axes)
+        _log.info("replicating dim %d (%s, size %d) not divisible by mesh axes %s", i, name, shape[i], axes)
         axes = ()
     used.update(axes)
     spec.append(axes[0] if len(axes) == 1 else (axes or None))

@@ -172,23 +172,48 @@ def train(c: Any, workdir: str | pathlib.Path) -> dict[str, float]:
   """Trains (or resumes) to the configured number of steps, then reports test metrics."""
   s = build_session(c, workdir)
   log = MetricsLog(s.workdir)
-  state, position, best = _start(s, log)
-  if int(state["step"]) == 0:
-    log.write(0, run_eval(s, state["params"], "validation"), echo="validation, base model")
-  state, best = _loop(s, log, state, position, best)
-  test = run_eval(s, state["params"], "test")
-  log.write(s.total_steps, test, echo="test, fine-tuned model")
-  log.write_json("test_metrics.json", {"step": s.total_steps, **test})
-  s.checkpointer.close()
-  log.close()
-  return test
+  try:
+    state, position, best = _start(s, log)
+    if int(state["step"]) == 0:  # the base model, before any update: the baseline fine-tuning must beat
+      for split in ("validation", "test"):
+        log.write(0, run_eval(s, state["params"], split), echo=f"{split}, base model")
+    state, best = _loop(s, log, state, position, best)
+    test = run_eval(s, state["params"], "test")
+    log.write(s.total_steps, test, echo="test, fine-tuned model")
+    log.write_json("test_metrics.json", {"step": s.total_steps, **test})
+    log.echo(compare_base(log.read(), test))
+    return test
+  finally:  # also on errors: let in-flight asynchronous saves finish, so no checkpoint is left half-written
+    s.checkpointer.wait()
+    s.checkpointer.close()
+    log.close()
+
+
+def compare_base(rows: list[dict[str, Any]], test: dict[str, float]) -> str:
+  """A table of test exact match and loss, base model (step 0) against fine-tuned, per template."""
+  base = {k: v for row in rows if row["step"] == 0 for k, v in row.items() if k.startswith("test/")}
+  lines = ["test split: base model → fine-tuned", f"  {'template':<44} {'exact_match':>20} {'loss':>18}"]
+  for key in sorted(k for k in test if k.endswith("/exact_match")):
+    name = key[len("test/"):-len("/exact_match")] or "all"
+    loss_key = key.replace("/exact_match", "/loss")
+    lines.append(f"  {name:<44} {base.get(key, float('nan')):>9.3f} → {test[key]:<8.3f} "
+                 f"{base.get(loss_key, float('nan')):>8.3f} → {test[loss_key]:.3f}")
+  return "\n".join(lines)
 
 
 def _loop(s: Session, log: MetricsLog, state: Any, position: loader.Position, best: float | None):
+  progress = log.progress(initial=int(state["step"]), total=s.total_steps)
+  try:
+    return _steps(s, log, progress, state, position, best)
+  finally:
+    progress.close()
+
+
+def _steps(s: Session, log: MetricsLog, progress: Any, state: Any, position: loader.Position,
+           best: float | None):
   c = s.config
   batch_sh = steps.train_batch_sharding(s.mesh)
   pending = None  # (step, metrics, position, tokens, t0): fetched after the next step is dispatched
-  progress = log.progress(initial=int(state["step"]), total=s.total_steps)
   for step in range(int(state["step"]) + 1, s.total_steps + 1):
     local, following = s.train_loader.batch(position)
     t0 = time.perf_counter()
@@ -196,6 +221,7 @@ def _loop(s: Session, log: MetricsLog, state: Any, position: loader.Position, be
     if pending is not None:
       _log_train(s, log, progress, *pending)
     pending = (step, metrics, position, int((local["segment_ids"] > 0).sum()) * jax.process_count(), t0)
+    improved = False
     if step % c.train.eval_every == 0 or step == s.total_steps:
       _log_train(s, log, progress, *pending)
       pending = None
@@ -203,18 +229,14 @@ def _loop(s: Session, log: MetricsLog, state: Any, position: loader.Position, be
       log.write(step, validation, echo=f"validation, step {step}")
       improved = _improved(validation, best, c)
       best = validation[c.checkpoint.best_metric] if improved else best
-    else:
-      improved = False
     if step % c.checkpoint.every == 0 or step == s.total_steps or improved:
       if pending is not None:  # never save an update whose loss we have not seen to be finite
         _log_train(s, log, progress, *pending)
         pending = None
-      loader_state = {**following.to_json(), "best": best}
-      s.checkpointer.save(step, state, loader_state, c.to_dict(), best=improved)
+      s.checkpointer.save(step, state, {**following.to_json(), "best": best}, c.to_dict(), best=improved)
     position = following
   if pending is not None:
     _log_train(s, log, progress, *pending)
-  progress.close()
   s.checkpointer.wait()
   return state, best
 
