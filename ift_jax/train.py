@@ -189,15 +189,17 @@ def train(c: Any, workdir: str | pathlib.Path) -> dict[str, float]:
     log.close()
 
 
-def compare_base(rows: list[dict[str, Any]], test: dict[str, float]) -> str:
-  """A table of test exact match and loss, base model (step 0) against fine-tuned, per template."""
-  base = {k: v for row in rows if row["step"] == 0 for k, v in row.items() if k.startswith("test/")}
-  lines = ["test split: base model → fine-tuned", f"  {'template':<44} {'exact_match':>20} {'loss':>18}"]
-  for key in sorted(k for k in test if k.endswith("/exact_match")):
-    name = key[len("test/"):-len("/exact_match")] or "all"
-    loss_key = key.replace("/exact_match", "/loss")
-    lines.append(f"  {name:<44} {base.get(key, float('nan')):>9.3f} → {test[key]:<8.3f} "
-                 f"{base.get(loss_key, float('nan')):>8.3f} → {test[loss_key]:.3f}")
+def compare_base(rows: list[dict[str, Any]], final: dict[str, float], split: str = "test") -> str:
+  """A Markdown table of `split` metrics, base model (step 0) against fine-tuned, overall and per template."""
+  base = {k: v for row in rows if row["step"] == 0 for k, v in row.items() if k.startswith(f"{split}/")}
+  metrics = ("exact_match", "token_accuracy", "loss")
+  header = " | ".join(f"{m}: base → tuned" for m in metrics)
+  lines = [f"| {split} template | n | {header} |", "|---|---|" + "---|" * len(metrics)]
+  for key in sorted((k for k in final if k.endswith("/examples")), key=lambda k: (k.count("/"), k)):  # "all" first
+    prefix = key[:-len("examples")]
+    cells = [f"{base.get(prefix + m, float('nan')):.3f} → {final[prefix + m]:.3f}" for m in metrics]
+    name = prefix[len(split) + 1:-1] or "all"
+    lines.append(f"| {name} | {final[key]} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 

@@ -67,3 +67,25 @@ def test_unsupported_architecture_is_refused(tmp_path):
   (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
   with pytest.raises(UserError, match="model_type 'gpt2' is not supported"):
     load.open_pretrained(str(tmp_path))
+
+
+def test_sharded_safetensors_folder_with_index_loads_the_same(tmp_path):
+  reference = hf_models.build("qwen2", tmp_path / "one")
+  reference.save_pretrained(tmp_path / "many", max_shard_size="20KB")
+  assert (tmp_path / "many" / "model.safetensors.index.json").exists()
+  assert len(list((tmp_path / "many").glob("*.safetensors"))) > 2
+  tokens_BxL = np.random.default_rng(2).integers(0, 97, size=(2, 8))
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  np.testing.assert_array_equal(_forward(tmp_path / "many", tokens_BxL, mesh),
+                                _forward(tmp_path / "one", tokens_BxL, mesh))
+
+
+def test_bfloat16_checkpoint_loads_exactly_into_float32(tmp_path):
+  import torch
+  reference = hf_models.build("llama", tmp_path / "f32")
+  reference.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+  mesh = sharding.make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
+  params = load.load_params(load.open_pretrained(str(tmp_path / "bf16")), mesh)
+  expected = reference.model.layers[1].mlp.down_proj.weight.detach().float().numpy().T
+  np.testing.assert_array_equal(np.asarray(params["layers"]["down"][1]), expected)
+  assert params["layers"]["down"].dtype == jnp.float32

@@ -27,14 +27,14 @@ def _batch(rows=8, length=16, seed=0):
           "positions": pos}
 
 
-def _run(mesh, batch, accum, n_steps=2, compute_dtype=jnp.float32):
+def _run(mesh, batch, accum, n_steps=2, compute_dtype=jnp.float32, remat="none"):
   optimizer = optim.make_optimizer(lr=1e-2, warmup_steps=1, total_steps=10, end_lr_ratio=0.1, weight_decay=0.1,
                                    b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0)
   schedule = optim.learning_rate_schedule(lr=1e-2, warmup_steps=1, total_steps=10, end_lr_ratio=0.1)
   graphdef, abstract, _ = load.abstract_model(CFG)
   param_sh = load.param_shardings(mesh, CFG)
   params = jax.device_put(jax.device_get(load.init_params(CFG, mesh, seed=0)), param_sh)
-  runner = steps.ModelRunner(graphdef, compute_dtype=compute_dtype)
+  runner = steps.ModelRunner(graphdef, compute_dtype=compute_dtype, remat=remat)
   compiled = steps.jit_steps(runner, optimizer, schedule, mesh=mesh, abstract_params=abstract,
                              param_shardings=param_sh, num_slots=4)
   state = compiled.init(params)
@@ -87,3 +87,17 @@ def test_decay_mask_skips_norms_and_biases():
   mask = decay_mask(abstract)
   assert mask["layers"]["q"] and mask["embed"] and mask["lm_head"]
   assert not mask["layers"]["attn_norm"] and not mask["layers"]["q_bias"] and not mask["final_norm"]
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_rematerialization_changes_memory_not_results(policy):
+  batch = _batch()
+  _assert_same(_run(_single(), batch, 1, n_steps=1, remat=policy), _run(_single(), batch, 1, n_steps=1), 1e-6)
+
+
+def test_bfloat16_compute_tracks_float32():
+  batch = _batch()
+  (_, f32), (_, bf16) = _run(_single(), batch, 1, n_steps=1), _run(_single(), batch, 1, n_steps=1,
+                                                                     compute_dtype=jnp.bfloat16)
+  assert abs(f32[0]["loss"] - bf16[0]["loss"]) < 0.02 * f32[0]["loss"]
+  assert f32[0]["loss"] != bf16[0]["loss"]  # the compute really ran in bfloat16
