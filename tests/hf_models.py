@@ -20,6 +20,21 @@ FAMILIES = {
     "mistral": dict(model_type="mistral", sliding_window=5),
     "qwen2": dict(model_type="qwen2"),
     "qwen3": dict(model_type="qwen3", head_dim=16),
+    # Qwen2 with the window on layers from max_window_layers on: a per-layer mix
+    "qwen2_window": dict(model_type="qwen2", use_sliding_window=True, sliding_window=5, max_window_layers=1),
+    # sliding, global, sliding: two RoPE bases and two masks in one scan; query_pre_attn_scalar != head_dim
+    "gemma3": dict(model_type="gemma3_text", num_hidden_layers=3, head_dim=16, query_pre_attn_scalar=24,
+                   sliding_window=5, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                   rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1000.0},
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}}),
+    "gemma3_tied_softcap": dict(model_type="gemma3_text", head_dim=16, sliding_window=5, tie_word_embeddings=True,
+                                final_logit_softcapping=3.0,
+                                layer_types=["full_attention", "sliding_attention"]),
+    "gemma3_linear_rope": dict(model_type="gemma3_text", head_dim=16, sliding_window=5,
+                               rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                                  "rope_theta": 1000.0},
+                                                "sliding_attention": {"rope_type": "default", "rope_theta": 10.0}},
+                               layer_types=["sliding_attention", "full_attention"]),
 }
 
 _TINY = dict(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,

@@ -38,9 +38,10 @@ def test_logits_match_transformers(family, tmp_path):
   np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
 
 
-def test_packed_segments_equal_separate_sequences(tmp_path):
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_packed_segments_equal_separate_sequences(family, tmp_path):
   """Two examples packed in one row give the logits each gets alone: nothing leaks across segments."""
-  reference = hf_models.build("qwen3", tmp_path)
+  reference = hf_models.build(family, tmp_path)
   rng = np.random.default_rng(1)
   a, b = rng.integers(0, 97, size=9), rng.integers(0, 97, size=6)
   row = np.concatenate([a, b, np.zeros(5, int)])[None]
@@ -69,6 +70,25 @@ def test_unsupported_architecture_is_refused(tmp_path):
     load.open_pretrained(str(tmp_path))
 
 
+@pytest.mark.parametrize("family, change, message", [
+    ("gemma3", {"attn_logit_softcapping": 50.0}, "attn_logit_softcapping is not implemented"),
+    ("gemma3", {"use_bidirectional_attention": True}, "use_bidirectional_attention=true"),
+    ("gemma3", {"layer_types": ["chunked_attention"] * 3}, r"layer_types \['chunked_attention'\] not implemented"),
+    ("gemma3", {"hidden_activation": "gelu"}, "activation 'gelu' is not implemented for gemma3_text"),
+    ("llama", {"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10.0}},
+     "rope scaling type 'yarn' is not implemented"),
+    ("llama", {"final_logit_softcapping": 30.0}, "final_logit_softcapping is not implemented for llama"),
+    ("qwen2", {"hidden_act": "relu"}, "activation 'relu' is not implemented for qwen2"),
+])
+def test_math_changing_config_fields_are_refused_by_name(family, change, message, tmp_path):
+  import json
+  hf_models.build(family, tmp_path)
+  config = json.loads((tmp_path / "config.json").read_text())
+  (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+  with pytest.raises(UserError, match=message):
+    load.open_pretrained(str(tmp_path))
+
+
 def test_sharded_safetensors_folder_with_index_loads_the_same(tmp_path):
   reference = hf_models.build("qwen2", tmp_path / "one")
   reference.save_pretrained(tmp_path / "many", max_shard_size="20KB")
@@ -80,12 +100,13 @@ def test_sharded_safetensors_folder_with_index_loads_the_same(tmp_path):
                                 _forward(tmp_path / "one", tokens_BxL, mesh))
 
 
-def test_bfloat16_checkpoint_loads_exactly_into_float32(tmp_path):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_reduced_precision_checkpoint_loads_exactly_into_float32(dtype, tmp_path):
   import torch
   reference = hf_models.build("llama", tmp_path / "f32")
-  reference.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+  reference.to(getattr(torch, dtype)).save_pretrained(tmp_path / dtype)
   mesh = sharding.make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
-  params = load.load_params(load.open_pretrained(str(tmp_path / "bf16")), mesh)
+  params = load.load_params(load.open_pretrained(str(tmp_path / dtype)), mesh)
   expected = reference.model.layers[1].mlp.down_proj.weight.detach().float().numpy().T
   np.testing.assert_array_equal(np.asarray(params["layers"]["down"][1]), expected)
   assert params["layers"]["down"].dtype == jnp.float32

@@ -86,7 +86,7 @@ def load_params(pretrained: Pretrained, mesh: Mesh) -> dict[str, Any]:
   """Reads the pretrained weights into float32 master parameters, each placed directly in its sharding."""
   _, shapes, axes = abstract_model(pretrained.cfg)
   weights.check_names(pretrained.tensors, pretrained.cfg, shapes["layers"].keys(), pretrained.origin)
-  getters = weights.host_getters(pretrained.tensors, pretrained.cfg)
+  getters = weights.host_getters(pretrained.tensors, pretrained.cfg, shapes)
   return weights.place(getters, shapes, sharding.tree_shardings(mesh, axes, shapes))
 
 

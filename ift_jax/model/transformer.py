@@ -1,8 +1,9 @@
-"""A Llama-family decoder in Flax NNX: Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM.
+"""A decoder in Flax NNX for the Llama family (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM) and Gemma 3.
 
 Layers are stored stacked along a leading `layers` axis and run under `jax.lax.scan`, so a 30-layer model
-compiles as fast as a one-layer model. Parameters carry logical axis names only (`logical_axes` metadata);
-`ift_jax.sharding` maps them onto the mesh.
+compiles as fast as a one-layer model. Per-layer differences (Gemma 3's sliding-window vs global layers, each
+with its own RoPE base) are a boolean scan input, not separate code paths. Parameters carry logical axis names
+only (`logical_axes` metadata); `ift_jax.sharding` maps them onto the mesh.
 
 Shape letters: B batch, L length (queries), S length (keys), D hidden, H query heads, K key/value heads,
 G query heads per key/value head, E head dim, F MLP hidden, V vocabulary, N layers.
@@ -10,8 +11,9 @@ G query heads per key/value head, E head dim, F MLP hidden, V vocabulary, N laye
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,12 +42,14 @@ def layer_param_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tupl
                  v_bias=((k, e), ("kv_heads", "head_dim")))
   if cfg.qk_norm:
     specs.update(q_norm=((e,), ("norm",)), k_norm=((e,), ("norm",)))
+  if cfg.sandwich_norms:  # Gemma normalizes each sub-layer's output before adding it to the residual
+    specs.update(attn_post_norm=((d,), ("norm",)), mlp_post_norm=((d,), ("norm",)))
   return specs
 
 
-def _init(rngs: nnx.Rngs, shape: tuple[int, ...], name: str) -> jax.Array:
-  if "norm" in name:
-    return jnp.ones(shape, jnp.float32)
+def _init(rngs: nnx.Rngs, shape: tuple[int, ...], name: str, cfg: ModelConfig) -> jax.Array:
+  if "norm" in name:  # the identity norm: Gemma stores w in (1 + w)
+    return jnp.full(shape, 0.0 if cfg.norm_plus_one else 1.0, jnp.float32)
   if "bias" in name:
     return jnp.zeros(shape, jnp.float32)
   return 0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)
@@ -56,7 +60,7 @@ class Layers(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     for name, (shape, axes) in layer_param_specs(cfg).items():
-      value = _init(rngs, (cfg.num_layers, *shape), name)
+      value = _init(rngs, (cfg.num_layers, *shape), name, cfg)
       setattr(self, name, nnx.Param(value, logical_axes=("layers", *axes)))
 
 
@@ -68,7 +72,7 @@ class Transformer(nnx.Module):
     d, v = cfg.hidden_size, cfg.vocab_size
     self.embed = nnx.Param(0.02 * jax.random.normal(rngs.params(), (v, d)), logical_axes=("vocab", "embed"))
     self.layers = Layers(cfg, rngs=rngs)
-    self.final_norm = nnx.Param(jnp.ones((d,)), logical_axes=("norm",))
+    self.final_norm = nnx.Param(_init(rngs, (d,), "norm", cfg), logical_axes=("norm",))
     if not cfg.tie_word_embeddings:
       self.lm_head = nnx.Param(0.02 * jax.random.normal(rngs.params(), (d, v)), logical_axes=("embed", "vocab"))
 
@@ -78,20 +82,56 @@ class Transformer(nnx.Module):
     cfg = self.cfg
     embed_VxD = self.embed[...]
     x_BxLxD = embed_VxD.astype(compute_dtype)[tokens_BxL]
+    if cfg.scale_embeddings:  # Gemma: the scale is rounded to the compute dtype first, as in the reference
+      x_BxLxD = x_BxLxD * jnp.asarray(math.sqrt(cfg.hidden_size), compute_dtype)
     x_BxLxD = sharding.constrain(x_BxLxD, ("batch", "length", "embed"))
-    cos_BxLxE, sin_BxLxE = rope_tables(positions_BxL, cfg)
-    mask_Bx1x1xLxS = attention_mask(segment_ids_BxL, positions_BxL, cfg.sliding_window)
+    context = attention_context(positions_BxL, segment_ids_BxL, cfg)
     stacked = {name: p[...].astype(compute_dtype) for name, p in nnx.state(self.layers).items()}
+    sliding_N = jnp.asarray(cfg.layer_is_sliding)
 
-    def body(x, layer):
-      return block(x, layer, cfg, cos_BxLxE, sin_BxLxE, mask_Bx1x1xLxS), None
+    def body(x, layer_and_sliding):
+      layer, sliding = layer_and_sliding
+      return block(x, layer, cfg, *context.pick(sliding)), None
 
-    x_BxLxD, _ = jax.lax.scan(_remat(body, remat), x_BxLxD, stacked)
-    x_BxLxD = rms_norm(x_BxLxD, self.final_norm[...], cfg.rms_norm_eps)
+    x_BxLxD, _ = jax.lax.scan(_remat(body, remat), x_BxLxD, (stacked, sliding_N))
+    x_BxLxD = rms_norm(x_BxLxD, self.final_norm[...], cfg.rms_norm_eps, plus_one=cfg.norm_plus_one)
     head_DxV = embed_VxD.T if cfg.tie_word_embeddings else self.lm_head[...]
     logits_BxLxV = jnp.einsum("BLD,DV->BLV", x_BxLxD, head_DxV.astype(compute_dtype),
                               preferred_element_type=jnp.float32)
+    if cfg.final_softcap is not None:
+      logits_BxLxV = softcap(logits_BxLxV, cfg.final_softcap)
     return sharding.constrain(logits_BxLxV, ("batch", "length", "vocab"))
+
+
+class AttentionContext(NamedTuple):
+  """RoPE tables and masks of the global layers and, where the model has them, of the sliding-window layers."""
+
+  cos_BxLxE: jax.Array
+  sin_BxLxE: jax.Array
+  mask_Bx1x1xLxS: jax.Array
+  local: tuple[jax.Array, jax.Array, jax.Array] | None
+
+  def pick(self, sliding: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(cos, sin, mask) of a layer, selected by its traced `sliding` flag inside the scan."""
+    full = (self.cos_BxLxE, self.sin_BxLxE, self.mask_Bx1x1xLxS)
+    if self.local is None:
+      return full
+    return tuple(jnp.where(sliding, b, a) for a, b in zip(full, self.local))
+
+
+def attention_context(positions_BxL: jax.Array, segment_ids_BxL: jax.Array, cfg: ModelConfig
+                      ) -> AttentionContext:
+  cos_BxLxE, sin_BxLxE = rope_tables(positions_BxL, rope_inv_freq(cfg.head_dim, cfg.rope_theta,
+                                                                  cfg.rope_scaling_dict))
+  full_mask = attention_mask(segment_ids_BxL, positions_BxL, None)
+  if not any(cfg.layer_is_sliding):
+    return AttentionContext(cos_BxLxE, sin_BxLxE, full_mask, None)
+  local_mask = attention_mask(segment_ids_BxL, positions_BxL, cfg.sliding_window)
+  if cfg.local_rope_theta is None:  # Mistral, Qwen: one RoPE for every layer
+    local = (cos_BxLxE, sin_BxLxE, local_mask)
+  else:  # Gemma 3: sliding layers rotate with their own (unscaled) base
+    local = (*rope_tables(positions_BxL, rope_inv_freq(cfg.head_dim, cfg.local_rope_theta, None)), local_mask)
+  return AttentionContext(cos_BxLxE, sin_BxLxE, full_mask, local)
 
 
 def _remat(fn, policy: str):
@@ -108,15 +148,23 @@ def _remat(fn, policy: str):
 
 def block(x_BxLxD: jax.Array, layer: dict[str, jax.Array], cfg: ModelConfig, cos_BxLxE: jax.Array,
           sin_BxLxE: jax.Array, mask_Bx1x1xLxS: jax.Array) -> jax.Array:
-  """One pre-norm decoder block: x + attention(norm(x)), then + SwiGLU(norm(x))."""
-  h_BxLxD = rms_norm(x_BxLxD, layer["attn_norm"], cfg.rms_norm_eps)
-  x_BxLxD = x_BxLxD + attention(h_BxLxD, layer, cfg, cos_BxLxE, sin_BxLxE, mask_Bx1x1xLxS)
-  h_BxLxD = rms_norm(x_BxLxD, layer["mlp_norm"], cfg.rms_norm_eps)
+  """One pre-norm decoder block: x + attention(norm(x)), then + MLP(norm(x)); Gemma also norms each output."""
+  norm = functools.partial(rms_norm, eps=cfg.rms_norm_eps, plus_one=cfg.norm_plus_one)
+  h_BxLxD = attention(norm(x_BxLxD, layer["attn_norm"]), layer, cfg, cos_BxLxE, sin_BxLxE, mask_Bx1x1xLxS)
+  if cfg.sandwich_norms:
+    h_BxLxD = norm(h_BxLxD, layer["attn_post_norm"])
+  x_BxLxD = x_BxLxD + h_BxLxD
+  h_BxLxD = norm(x_BxLxD, layer["mlp_norm"])
   gate_BxLxF = jnp.einsum("BLD,DF->BLF", h_BxLxD, layer["gate"])
   up_BxLxF = jnp.einsum("BLD,DF->BLF", h_BxLxD, layer["up"])
-  mlp_BxLxF = sharding.constrain(jax.nn.silu(gate_BxLxF) * up_BxLxF, ("batch", "length", "mlp"))
-  x_BxLxD = x_BxLxD + jnp.einsum("BLF,FD->BLD", mlp_BxLxF, layer["down"])
-  return sharding.constrain(x_BxLxD, ("batch", "length", "embed"))
+  mlp_BxLxF = sharding.constrain(_ACTIVATIONS[cfg.hidden_act](gate_BxLxF) * up_BxLxF, ("batch", "length", "mlp"))
+  h_BxLxD = jnp.einsum("BLF,FD->BLD", mlp_BxLxF, layer["down"])
+  if cfg.sandwich_norms:
+    h_BxLxD = norm(h_BxLxD, layer["mlp_post_norm"])
+  return sharding.constrain(x_BxLxD + h_BxLxD, ("batch", "length", "embed"))
+
+
+_ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 
 
 def attention(x_BxLxD: jax.Array, layer: dict[str, jax.Array], cfg: ModelConfig, cos_BxLxE: jax.Array,
@@ -128,20 +176,26 @@ def attention(x_BxLxD: jax.Array, layer: dict[str, jax.Array], cfg: ModelConfig,
   if cfg.qkv_bias:
     q_BxLxHxE, k_BxSxKxE = q_BxLxHxE + layer["q_bias"], k_BxSxKxE + layer["k_bias"]
     v_BxSxKxE = v_BxSxKxE + layer["v_bias"]
-  if cfg.qk_norm:  # Qwen3 normalizes each head before the rotation
-    q_BxLxHxE = rms_norm(q_BxLxHxE, layer["q_norm"], cfg.rms_norm_eps)
-    k_BxSxKxE = rms_norm(k_BxSxKxE, layer["k_norm"], cfg.rms_norm_eps)
+  if cfg.qk_norm:  # Qwen3 and Gemma 3 normalize each head before the rotation
+    q_BxLxHxE = rms_norm(q_BxLxHxE, layer["q_norm"], cfg.rms_norm_eps, plus_one=cfg.norm_plus_one)
+    k_BxSxKxE = rms_norm(k_BxSxKxE, layer["k_norm"], cfg.rms_norm_eps, plus_one=cfg.norm_plus_one)
   q_BxLxHxE = apply_rope(q_BxLxHxE, cos_BxLxE, sin_BxLxE)
   k_BxSxKxE = apply_rope(k_BxSxKxE, cos_BxLxE, sin_BxLxE)
   b, l, h, e = q_BxLxHxE.shape
   kv = cfg.num_kv_heads
   q_BxLxKxGxE = q_BxLxHxE.reshape(b, l, kv, h // kv, e)
+  scale = (cfg.query_pre_attn_scalar or e) ** -0.5
   scores_BxKxGxLxS = jnp.einsum("BLKGE,BSKE->BKGLS", q_BxLxKxGxE, k_BxSxKxE,
-                                preferred_element_type=jnp.float32) / math.sqrt(e)
+                                preferred_element_type=jnp.float32) * scale
   scores_BxKxGxLxS = jnp.where(mask_Bx1x1xLxS, scores_BxKxGxLxS, jnp.finfo(jnp.float32).min)
   probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS, axis=-1).astype(v_BxSxKxE.dtype)
   out_BxLxKxGxE = jnp.einsum("BKGLS,BSKE->BLKGE", probs_BxKxGxLxS, v_BxSxKxE)
   return jnp.einsum("BLHE,HED->BLD", out_BxLxKxGxE.reshape(b, l, h, e), layer["o"])
+
+
+def softcap(x: jax.Array, cap: float) -> jax.Array:
+  """Gemma's tanh soft-capping: smooth, bounded to (-cap, cap), close to the identity near 0."""
+  return jnp.tanh(x / cap) * cap
 
 
 def attention_mask(segment_ids_BxL: jax.Array, positions_BxL: jax.Array, sliding_window: int | None
@@ -161,21 +215,28 @@ def attention_mask(segment_ids_BxL: jax.Array, positions_BxL: jax.Array, sliding
   return mask_BxLxS[:, None, None]
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-  """RMSNorm computed in float32 and cast back, as the Hugging Face reference does."""
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, *, plus_one: bool = False) -> jax.Array:
+  """RMSNorm computed in float32 and cast back, as the Hugging Face references do.
+
+  Llama scales by w in the input dtype; Gemma (`plus_one`) scales by (1 + w) in float32 before the cast.
+  """
   x32 = x.astype(jnp.float32)
   x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+  if plus_one:
+    return (x32 * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
   return weight.astype(x.dtype) * x32.astype(x.dtype)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
-  """Inverse frequencies (E/2,), with Llama-3 frequency-dependent scaling when the config asks for it."""
-  e = cfg.head_dim
-  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
-  scaling = cfg.rope_scaling_dict
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> jax.Array:
+  """Inverse frequencies (E/2,), with Llama-3 or linear scaling when the config asks for it."""
+  e = head_dim
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
   if not scaling:
     return inv_freq
-  factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+  factor = scaling["factor"]
+  if scaling["rope_type"] == "linear":
+    return inv_freq / factor
+  low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
   old_len = scaling["original_max_position_embeddings"]
   wavelen = 2 * math.pi / inv_freq
   scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
@@ -185,9 +246,9 @@ def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
   return jnp.where(medium, smoothed, scaled)
 
 
-def rope_tables(positions_BxL: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+def rope_tables(positions_BxL: jax.Array, inv_freq_E2: jax.Array) -> tuple[jax.Array, jax.Array]:
   """cos and sin tables (B, L, E) in float32, halves duplicated (the Hugging Face rotate-half layout)."""
-  freqs_BxLxE2 = positions_BxL[..., None].astype(jnp.float32) * rope_inv_freq(cfg)
+  freqs_BxLxE2 = positions_BxL[..., None].astype(jnp.float32) * inv_freq_E2
   emb_BxLxE = jnp.concatenate([freqs_BxLxE2, freqs_BxLxE2], axis=-1)
   return jnp.cos(emb_BxLxE), jnp.sin(emb_BxLxE)
 

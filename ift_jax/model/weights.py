@@ -8,10 +8,10 @@ ml_dtypes) rather than through torch: no pickle, no torch at run time, and bfloa
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import pathlib
-import re
 import struct
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
@@ -83,56 +83,96 @@ def _read_header(path: pathlib.Path) -> tuple[dict[str, Any], int]:
   return header, 8 + size
 
 
-# Our parameter name -> (HF name pattern, transform from the HF tensor to our per-layer layout).
-def _hf_layer_names(cfg: ModelConfig) -> dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]]:
-  d, h, k, e = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  attn, mlp = "model.layers.{i}.self_attn.", "model.layers.{i}.mlp."
+@dataclasses.dataclass(frozen=True)
+class HFTensor:
+  """One Hugging Face tensor and where it lives among our parameters.
+
+  Our layout = the HF tensor (transposed when `transpose`, as PyTorch Linear stores (out, in)) reshaped to the
+  parameter's shape; `to_ours` and `to_hf` are exact inverses (reshapes and transposes only).
+  """
+
+  name: str  # HF name, e.g. model.layers.3.self_attn.q_proj.weight
+  param: str  # ours: embed, final_norm, lm_head, or a per-layer parameter (q, k, ..., mlp_norm)
+  layer: int | None  # index on the stacked `layers` axis; None for embed / final_norm / lm_head
+  transpose: bool
+  shape: tuple[int, ...]  # HF (PyTorch) layout
+
+  def to_ours(self, w: np.ndarray, our_shape: tuple[int, ...]) -> np.ndarray:
+    return (w.T if self.transpose else w).reshape(our_shape)
+
+  def to_hf(self, x: np.ndarray) -> np.ndarray:
+    return x.reshape(self.shape[::-1]).T if self.transpose else x.reshape(self.shape)
+
+
+def _hf_layer_names(cfg: ModelConfig) -> dict[str, tuple[str, bool]]:
+  """Our per-layer parameter name -> (HF name pattern with `{i}`, transpose)."""
+  layer = "model.layers.{i}."
+  attn, mlp = layer + "self_attn.", layer + "mlp."
   names = {
-      "attn_norm": ("model.layers.{i}.input_layernorm.weight", lambda w: w),
-      "mlp_norm": ("model.layers.{i}.post_attention_layernorm.weight", lambda w: w),
-      "q": (attn + "q_proj.weight", lambda w: w.T.reshape(d, h, e)),
-      "k": (attn + "k_proj.weight", lambda w: w.T.reshape(d, k, e)),
-      "v": (attn + "v_proj.weight", lambda w: w.T.reshape(d, k, e)),
-      "o": (attn + "o_proj.weight", lambda w: w.T.reshape(h, e, d)),
-      "gate": (mlp + "gate_proj.weight", lambda w: w.T),
-      "up": (mlp + "up_proj.weight", lambda w: w.T),
-      "down": (mlp + "down_proj.weight", lambda w: w.T),
-      "q_bias": (attn + "q_proj.bias", lambda b: b.reshape(h, e)),
-      "k_bias": (attn + "k_proj.bias", lambda b: b.reshape(k, e)),
-      "v_bias": (attn + "v_proj.bias", lambda b: b.reshape(k, e)),
-      "q_norm": (attn + "q_norm.weight", lambda w: w),
-      "k_norm": (attn + "k_norm.weight", lambda w: w),
+      "attn_norm": (layer + "input_layernorm.weight", False),
+      # Llama's "post_attention_layernorm" is the norm before the MLP; Gemma's is after attention.
+      "mlp_norm": (layer + ("pre_feedforward_layernorm" if cfg.sandwich_norms else "post_attention_layernorm")
+                   + ".weight", False),
+      "attn_post_norm": (layer + "post_attention_layernorm.weight", False),
+      "mlp_post_norm": (layer + "post_feedforward_layernorm.weight", False),
+      "q": (attn + "q_proj.weight", True), "k": (attn + "k_proj.weight", True),
+      "v": (attn + "v_proj.weight", True), "o": (attn + "o_proj.weight", True),
+      "gate": (mlp + "gate_proj.weight", True), "up": (mlp + "up_proj.weight", True),
+      "down": (mlp + "down_proj.weight", True),
+      "q_bias": (attn + "q_proj.bias", False), "k_bias": (attn + "k_proj.bias", False),
+      "v_bias": (attn + "v_proj.bias", False),
+      "q_norm": (attn + "q_norm.weight", False), "k_norm": (attn + "k_norm.weight", False),
   }
   return names
 
 
+def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """HF tensor name pattern (layer index as `{i}`) -> shape in the PyTorch layout."""
+  d, f, v, e = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
+  qd, kd = cfg.num_heads * e, cfg.num_kv_heads * e
+  shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,), "lm_head.weight": (v, d)}
+  by_param = {"q": (qd, d), "k": (kd, d), "v": (kd, d), "o": (d, qd), "gate": (f, d), "up": (f, d),
+              "down": (d, f), "q_bias": (qd,), "k_bias": (kd,), "v_bias": (kd,), "q_norm": (e,), "k_norm": (e,)}
+  for name, (pattern, _) in _hf_layer_names(cfg).items():
+    shapes[pattern] = by_param.get(name, (d,))
+  return shapes
+
+
+def hf_tensors(cfg: ModelConfig, layer_params: Iterable[str]) -> list[HFTensor]:
+  """Every HF tensor of a model with this config, in model order (embeddings, layer by layer, norm, head)."""
+  table, shapes = _hf_layer_names(cfg), expected_hf_shapes(cfg)
+  layer_params = list(layer_params)
+  out = [HFTensor("model.embed_tokens.weight", "embed", None, False, shapes["model.embed_tokens.weight"])]
+  for i in range(cfg.num_layers):
+    for param in layer_params:
+      pattern, transpose = table[param]
+      out.append(HFTensor(pattern.format(i=i), param, i, transpose, shapes[pattern]))
+  out.append(HFTensor("model.norm.weight", "final_norm", None, False, shapes["model.norm.weight"]))
+  if not cfg.tie_word_embeddings:
+    out.append(HFTensor("lm_head.weight", "lm_head", None, True, shapes["lm_head.weight"]))
+  return out
+
+
 def expected_hf_names(cfg: ModelConfig, layer_params: Iterable[str]) -> set[str]:
   """Every HF tensor name a model with this config must provide."""
-  table = _hf_layer_names(cfg)
-  names = {"model.embed_tokens.weight", "model.norm.weight"}
-  if not cfg.tie_word_embeddings:
-    names.add("lm_head.weight")
-  for name in layer_params:
-    names.update(table[name][0].format(i=i) for i in range(cfg.num_layers))
-  return names
+  return {t.name for t in hf_tensors(cfg, layer_params)}
 
 
 def check_names(source: TensorSource, cfg: ModelConfig, layer_params: Iterable[str], origin: str) -> None:
   """Refuses a checkpoint whose tensors do not match the config, naming what is missing or extra."""
-  have, want = set(source.keys()), expected_hf_names(cfg, layer_params)
+  want = {t.name: t for t in hf_tensors(cfg, layer_params)}
+  have = set(source.keys())
   if cfg.tie_word_embeddings:
     have.discard("lm_head.weight")  # some tied checkpoints store the copy anyway
-  missing = sorted(want - have)
-  extra = sorted(n for n in have - want if not n.endswith("rotary_emb.inv_freq"))
+  missing = sorted(set(want) - have)
+  extra = sorted(n for n in have - set(want) if not n.endswith("rotary_emb.inv_freq"))
   if missing or extra:
     raise UserError(f"{origin}: tensors do not match config.json: missing {_few(missing)}, unexpected "
                     f"{_few(extra)}; use the config.json that came with these weights")
-  shapes = expected_hf_shapes(cfg)
   for name in sorted(want):
-    pattern = re.sub(r"\.\d+\.", ".{i}.", name)
     got = tuple(source.shape(name)) if hasattr(source, "shape") else tuple(np.shape(source[name]))
-    if got != shapes[pattern]:
-      raise UserError(f"{origin}: tensor {name} has shape {got}, config.json implies {shapes[pattern]}; "
+    if got != want[name].shape:
+      raise UserError(f"{origin}: tensor {name} has shape {got}, config.json implies {want[name].shape}; "
                       "use the config.json that came with these weights")
 
 
@@ -140,30 +180,18 @@ def _few(names: list[str]) -> str:
   return f"{len(names)} {names[:3]}{'…' if len(names) > 3 else ''}"
 
 
-def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-  """HF tensor name pattern (layer index as `{i}`) -> shape in the PyTorch layout."""
-  d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-  qd, kd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-  attn, mlp = "model.layers.{i}.self_attn.", "model.layers.{i}.mlp."
-  return {
-      "model.embed_tokens.weight": (v, d), "model.norm.weight": (d,), "lm_head.weight": (v, d),
-      "model.layers.{i}.input_layernorm.weight": (d,), "model.layers.{i}.post_attention_layernorm.weight": (d,),
-      attn + "q_proj.weight": (qd, d), attn + "k_proj.weight": (kd, d), attn + "v_proj.weight": (kd, d),
-      attn + "o_proj.weight": (d, qd), attn + "q_proj.bias": (qd,), attn + "k_proj.bias": (kd,),
-      attn + "v_proj.bias": (kd,), attn + "q_norm.weight": (cfg.head_dim,),
-      attn + "k_norm.weight": (cfg.head_dim,), mlp + "gate_proj.weight": (f, d), mlp + "up_proj.weight": (f, d),
-      mlp + "down_proj.weight": (d, f),
-  }
+def host_getters(source: TensorSource, cfg: ModelConfig, shapes: Mapping[str, Any]) -> dict[str, Any]:
+  """Nested dict matching the model's params: each leaf a function index -> float32 host array for that shard.
 
-
-def host_getters(source: TensorSource, cfg: ModelConfig) -> dict[str, Any]:
-  """Nested dict matching the model's params: each leaf a function index -> float32 host array for that shard."""
-  table = _hf_layer_names(cfg)
+  `shapes` is the model's parameter tree (ShapeDtypeStructs). Values are converted to float32 exactly
+  (bfloat16 and float16 are subsets of float32), so reduced-precision checkpoints lose nothing.
+  """
+  specs = {(t.param, t.layer): t for t in hf_tensors(cfg, shapes["layers"].keys())}
 
   @functools.lru_cache(maxsize=8)
   def layer_tensor(name: str, i: int) -> np.ndarray:
-    pattern, transform = table[name]
-    return np.asarray(transform(np.asarray(source[pattern.format(i=i)])), np.float32)
+    spec = specs[(name, i)]
+    return np.asarray(spec.to_ours(np.asarray(source[spec.name]), shapes["layers"][name].shape[1:]), np.float32)
 
   def stacked(name: str) -> Callable[[tuple[slice, ...]], np.ndarray]:
     def get(index: tuple[slice, ...]) -> np.ndarray:
@@ -172,20 +200,13 @@ def host_getters(source: TensorSource, cfg: ModelConfig) -> dict[str, Any]:
     return get
 
   @functools.lru_cache(maxsize=2)
-  def whole_tensor(hf_name: str, transpose: bool) -> np.ndarray:
-    tensor = np.asarray(source[hf_name])
-    return np.asarray(tensor.T if transpose else tensor, np.float32)
+  def whole_tensor(param: str) -> np.ndarray:
+    spec = specs[(param, None)]
+    return np.asarray(spec.to_ours(np.asarray(source[spec.name]), shapes[param].shape), np.float32)
 
-  def whole(hf_name: str, transpose: bool = False) -> Callable[[tuple[slice, ...]], np.ndarray]:
-    return lambda index: whole_tensor(hf_name, transpose)[index]
-
-  getters: dict[str, Any] = {
-      "embed": whole("model.embed_tokens.weight"),
-      "final_norm": whole("model.norm.weight"),
-      "layers": {name: stacked(name) for name in table},
-  }
-  if not cfg.tie_word_embeddings:
-    getters["lm_head"] = whole("lm_head.weight", transpose=True)
+  getters: dict[str, Any] = {name: (lambda index, name=name: whole_tensor(name)[index])
+                             for name in shapes if name != "layers"}
+  getters["layers"] = {name: stacked(name) for name in shapes["layers"]}
   return getters
 
 
