@@ -3,6 +3,8 @@
     ift-jax train  [--config=configs/NAME.py] [--workdir=DIR] [--config.section.key=value ...]
     ift-jax eval   --workdir=DIR [--checkpoint=latest|best|STEP]
     ift-jax render [--config=...] [--split=train] [--num_examples=3]
+    ift-jax export --workdir=DIR [--checkpoint=latest|best|STEP] --out=HF_DIR [--dtype=bfloat16|float32]
+    ift-jax export --model=PATH --out=HF_DIR   # convert a model (a .gguf file, say) without training
 """
 
 from __future__ import annotations
@@ -23,8 +25,12 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Run directory: checkpoin
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "eval: latest, best or a step number.")
 _SPLIT = flags.DEFINE_enum("split", "train", ["train", "validation", "test"], "render: which split.")
 _NUM = flags.DEFINE_integer("num_examples", 3, "render: how many examples to show.")
+_OUT = flags.DEFINE_string("out", "", "export: the Hugging Face folder to write (new or empty).")
+_DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "bfloat16", "float32", "float16"],
+                           "export: weight dtype; auto = the source model's (float32 for GGUF).")
+_MODEL = flags.DEFINE_string("model", "", "export: convert this model.path instead of a workdir checkpoint.")
 
-COMMANDS = ("train", "eval", "render")
+COMMANDS = ("train", "eval", "render", "export")
 
 
 def _main(argv: list[str]) -> int:
@@ -40,6 +46,10 @@ def _main(argv: list[str]) -> int:
       train.train(_CONFIG.value, _WORKDIR.value)
     elif argv[1] == "eval":
       train.evaluate_checkpoint(_WORKDIR.value, _CHECKPOINT.value)
+    elif argv[1] == "export":
+      from ift_jax import export
+      export.export(_OUT.value, dtype=_DTYPE.value, model=_MODEL.value, workdir=_WORKDIR.value,
+                    checkpoint=_CHECKPOINT.value)
     else:
       print(train.render(_CONFIG.value, split=_SPLIT.value, num_examples=_NUM.value))
   except UserError as e:

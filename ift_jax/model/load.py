@@ -7,8 +7,9 @@ logical axes, the mesh rules give each parameter's sharding, and the weights are
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 from flax import nnx
@@ -32,6 +33,7 @@ class Pretrained:
   tensors: weights.TensorSource
   load_tokenizer: Callable[[], Any]
   origin: str
+  hf_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # config.json as read (or from GGUF)
 
 
 def open_pretrained(path: str) -> Pretrained:
@@ -46,7 +48,8 @@ def open_pretrained(path: str) -> Pretrained:
     raise UserError(f"model.path={path!r}: not a folder, .gguf file or catalog name "
                     f"({', '.join(sorted(CATALOG))}); point it at a Hugging Face model folder")
   cfg = ModelConfig.from_json_file(p / "config.json")
-  return Pretrained(cfg, weights.SafetensorsFolder(p), lambda: _hf_tokenizer(p), str(p))
+  hf_config = json.loads((p / "config.json").read_text())
+  return Pretrained(cfg, weights.SafetensorsFolder(p), lambda: _hf_tokenizer(p), str(p), hf_config)
 
 
 def _open_gguf(p: pathlib.Path) -> Pretrained:
@@ -55,7 +58,7 @@ def _open_gguf(p: pathlib.Path) -> Pretrained:
   from ift_jax.model import gguf  # the gguf package is only needed for GGUF models
   tensors = gguf.GGUFTensors(p)  # parses the header once; tensors are dequantized on demand
   cfg = ModelConfig.from_hf(tensors.config, origin=str(p))
-  return Pretrained(cfg, tensors, lambda: gguf.gguf_tokenizer(p), str(p))
+  return Pretrained(cfg, tensors, lambda: gguf.gguf_tokenizer(p), str(p), tensors.config)
 
 
 def _hf_tokenizer(folder: pathlib.Path) -> Any:
