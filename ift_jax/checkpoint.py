@@ -10,6 +10,7 @@ so a checkpoint written on one mesh restores onto another.
 
 from __future__ import annotations
 
+import logging
 import pathlib
 from typing import Any
 
@@ -18,9 +19,14 @@ import orbax.checkpoint as ocp
 
 from ift_jax.errors import UserError
 
+_log = logging.getLogger(__name__)
+
 
 def _manager(directory: pathlib.Path, keep: int) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
+  # Both managers may save the same step at once; on several processes their barriers need distinct names.
+  multiprocessing = ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=directory.name)
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True,
+                                         multiprocessing_options=multiprocessing)
   return ocp.CheckpointManager(directory.absolute(), options=options, item_names=("state", "loader", "config"))
 
 
@@ -54,6 +60,18 @@ class Checkpointer:
                               config=ocp.args.JsonRestore())
     restored = manager.restore(number, args=args)
     return restored["state"], dict(restored["loader"]), dict(restored["config"])
+
+  def restore_newest_valid(self, abstract_state: Any) -> tuple[Any, dict, dict]:
+    """Restores the newest checkpoint that reads back whole, skipping (with a warning) damaged newer ones."""
+    for number in sorted(self._latest.all_steps(), reverse=True):
+      try:
+        return self.restore(abstract_state, step=number)
+      except UserError:
+        raise
+      except Exception as e:  # a damaged checkpoint fails in many ways (tensorstore, JSON, missing files)
+        _log.warning("checkpoint %s/checkpoints/%d is unreadable (%s: %s); falling back to the one before",
+                     self.workdir, number, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+    raise UserError(f"{self.workdir}/checkpoints: no readable checkpoint; move the folder away to start over")
 
   def restore_config(self, *, step: int | str = "latest") -> dict[str, Any]:
     manager, number = self._resolve(step)

@@ -29,6 +29,11 @@ _OUT = flags.DEFINE_string("out", "", "export: the Hugging Face folder to write 
 _DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "bfloat16", "float32", "float16"],
                            "export: weight dtype; auto = the source model's (float32 for GGUF).")
 _MODEL = flags.DEFINE_string("model", "", "export: convert this model.path instead of a workdir checkpoint.")
+# Multi-host: named like jax.distributed.initialize's arguments; leave unset on one host or on Cloud TPU.
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, reachable by all.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (one per host).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes-1.")
+_INIT_TIMEOUT = flags.DEFINE_integer("initialization_timeout", 300, "Seconds to wait for all processes to join.")
 
 COMMANDS = ("train", "eval", "render", "export")
 
@@ -42,6 +47,9 @@ def _main(argv: list[str]) -> int:
   logging.getLogger("ift_jax").setLevel(logging.INFO)
   from ift_jax import train  # after flag parsing: importing jax reads XLA flags from the environment
   try:
+    from ift_jax import distributed
+    distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                           process_id=_PROCESS_ID.value, timeout_s=_INIT_TIMEOUT.value)
     if argv[1] == "train":
       train.train(_CONFIG.value, _WORKDIR.value)
     elif argv[1] == "eval":

@@ -37,11 +37,12 @@ class ModelRunner:
 
 
 def make_train_step(runner: ModelRunner, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule) -> Callable:
+                    schedule: optax.Schedule, *, skip_nonfinite: bool = False) -> Callable:
   """Returns train_step(state, batch) -> (state, metrics), pure.
 
   The loss is the cross-entropy summed over all target tokens of the global batch divided by their count,
   computed before the micro-batch loop: accumulated gradients then equal one big batch's exactly, on any mesh.
+  With `skip_nonfinite`, an update whose loss or gradient is NaN/inf is not applied (metrics["skipped"] = 1).
   """
 
   def loss_fn(params, micro, total_weight):
@@ -58,13 +59,19 @@ def make_train_step(runner: ModelRunner, optimizer: optax.GradientTransformation
     zeros = jax.tree.map(jnp.zeros_like, state["params"])
     grads, sums_A = jax.lax.scan(accumulate, zeros, batch)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
-                 "opt_state": opt_state}
+    params = optax.apply_updates(state["params"], updates)
+    grad_norm = optax.tree.norm(grads)
+    skip = jnp.logical_not(jnp.isfinite(grad_norm) & jnp.isfinite(jnp.sum(sums_A["loss"])))
+    if skip_nonfinite:  # keep the old weights and moments; the step counter still advances with the data
+      keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(skip, o, n), new, old)
+      params, opt_state = keep_old(params, state["params"]), keep_old(opt_state, state["opt_state"])
+    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
     metrics = {
+        "skipped": skip.astype(jnp.float32),
         "loss": jnp.sum(sums_A["loss"]) / total_weight,
         "token_accuracy": jnp.sum(sums_A["correct"]) / total_weight,
         "target_tokens": jnp.sum(sums_A["weight"]),
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": grad_norm,
         "lr": schedule(state["step"]),
     }
     return new_state, metrics
@@ -123,14 +130,15 @@ class CompiledSteps:
 
 
 def jit_steps(runner: ModelRunner, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
-              mesh: Mesh, abstract_params: Any, param_shardings: Any, num_slots: int) -> CompiledSteps:
+              mesh: Mesh, abstract_params: Any, param_shardings: Any, num_slots: int,
+              skip_nonfinite: bool = False) -> CompiledSteps:
   """The one place steps are jitted, with every input and output sharding spelled out."""
   state_sh = state_shardings(optimizer, abstract_params, param_shardings, mesh)
   replicated = NamedSharding(mesh, P())  # scalar metrics: every process can read them
   train_batch_sh = {k: train_batch_sharding(mesh) for k in BATCH_KEYS}
   eval_batch_sh = {k: sharding.batch_sharding(mesh) for k in BATCH_KEYS}
-  # Per-example sums stay split over rows like the batch: each device reduces its own rows.
-  eval_out_sh = sharding.named_sharding(mesh, ("batch", None))
+  # Per-example sums are B×S floats: replicated, so every process reads whole batches without a collective.
+  eval_out_sh = replicated
 
   def init(params):
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
@@ -143,7 +151,7 @@ def jit_steps(runner: ModelRunner, optimizer: optax.GradientTransformation, sche
 
   return CompiledSteps(
       init=jax.jit(init, in_shardings=(param_shardings,), out_shardings=state_sh, donate_argnums=0),
-      train=jax.jit(traced(make_train_step(runner, optimizer, schedule)),
+      train=jax.jit(traced(make_train_step(runner, optimizer, schedule, skip_nonfinite=skip_nonfinite)),
                     in_shardings=(state_sh, train_batch_sh), out_shardings=(state_sh, replicated),
                     donate_argnums=0),
       eval=jax.jit(traced(make_eval_step(runner, num_slots)),

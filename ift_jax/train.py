@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import pathlib
+import signal
 import time
 from typing import Any
 
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ift_jax import checkpoint, evaluate, optim, sharding, steps
+from ift_jax import checkpoint, distributed, evaluate, optim, sharding, steps
 from ift_jax.data import loader
 from ift_jax.errors import UserError
 from ift_jax.metrics_log import MetricsLog, format_metrics
@@ -70,12 +71,14 @@ def validate_config(c: Any) -> None:
 
 
 def _check_batch(c: Any, mesh: Any) -> None:
-  data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+  data_parallel, procs = mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count()
   for key, size, per in (("batch_size", c.train.batch_size, c.train.grad_accum * data_parallel),
                          ("eval_batch_size", c.train.eval_batch_size, data_parallel)):
-    if size % per or size % jax.process_count():
-      raise UserError(f"train.{key}={size} must divide by {per} (micro-batches × data×fsdp devices) and by "
-                      f"{jax.process_count()} processes; use a multiple of {math.lcm(per, jax.process_count())}")
+    need = math.lcm(per, c.data.shards, procs * (c.train.grad_accum if key == "batch_size" else 1))
+    if size % need:
+      raise UserError(f"train.{key}={size} must divide by {per} (micro-batches × data×fsdp devices), by "
+                      f"data.shards={c.data.shards} and by the micro-batches of {procs} process(es); use a "
+                      f"multiple of {need}")
 
 
 def build_session(c: Any, workdir: str | pathlib.Path) -> Session:
@@ -86,9 +89,8 @@ def build_session(c: Any, workdir: str | pathlib.Path) -> Session:
   tokenizer = pretrained.load_tokenizer()
   prepared = prepare_data(c, tokenizer)
   train_loader = loader.TrainLoader(
-      prepared.splits["train"], seq_len=c.data.seq_len, batch_size=c.train.batch_size,
-      grad_accum=c.train.grad_accum, packed=c.data.packing, seed=c.seed, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      prepared.splits["train"], num_shards=c.data.shards, seq_len=c.data.seq_len,
+      batch_size=c.train.batch_size, grad_accum=c.train.grad_accum, packed=c.data.packing, seed=c.seed)
   total = c.train.steps if c.train.steps > 0 else train_loader.steps_for_epochs(c.train.epochs)
   graphdef, abstract_params, _ = load.abstract_model(pretrained.cfg)
   param_sh = load.param_shardings(mesh, pretrained.cfg)
@@ -98,11 +100,12 @@ def build_session(c: Any, workdir: str | pathlib.Path) -> Session:
       lr=c.optim.lr, warmup_steps=c.optim.warmup_steps, total_steps=total, end_lr_ratio=c.optim.end_lr_ratio,
       weight_decay=c.optim.weight_decay, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps,
       clip_norm=c.optim.clip_norm)
-  eval_examples = prepared.splits["validation"] + prepared.splits["test"]
-  slots = 1 + loader.max_segments(eval_examples, seq_len=c.data.seq_len, packed=c.data.packing)
+  slots = 1 + loader.max_segments(prepared, splits=("validation", "test"), seq_len=c.data.seq_len,
+                                  packed=c.data.packing)
   runner = steps.ModelRunner(graphdef, compute_dtype=_DTYPES[c.model.compute_dtype], remat=c.model.remat)
   compiled = steps.jit_steps(runner, optimizer, schedule, mesh=mesh, abstract_params=abstract_params,
-                             param_shardings=param_sh, num_slots=-(-slots // 8) * 8)
+                             param_shardings=param_sh, num_slots=-(-slots // 8) * 8,
+                             skip_nonfinite=c.train.skip_nonfinite)
   state_sh = steps.state_shardings(optimizer, abstract_params, param_sh, mesh)
   abstract_state = checkpoint.abstract_like(jax.eval_shape(compiled.init, abstract_params), state_sh)
   return Session(c, pathlib.Path(workdir), mesh, tokenizer, prepared, train_loader, total, compiled, state_sh,
@@ -115,8 +118,9 @@ def prepare_data(c: Any, tokenizer: Any) -> loader.Prepared:
       templates_spec=c.data.templates, seq_len=c.data.seq_len, chat=c.data.chat, seed=c.seed,
       validation_fraction=c.data.validation_fraction, test_fraction=c.data.test_fraction,
       skip_malformed=c.data.skip_malformed, max_train_examples=c.data.max_train_examples,
-      max_eval_examples=c.data.max_eval_examples)
-  for note in prepared.notes:
+      max_eval_examples=c.data.max_eval_examples,
+      plan=loader.ShardPlan(c.data.shards, jax.process_index(), jax.process_count()))
+  for note in prepared.notes if jax.process_index() == 0 else ():  # counts are global; print them once
     _log.info("%s", note)
   return prepared
 
@@ -126,7 +130,7 @@ def _start(s: Session, log: MetricsLog) -> tuple[Any, loader.Position, float | N
   if s.checkpointer.latest_step() is None:
     params = load.load_params(s.pretrained, s.mesh)
     return s.compiled.init(params), loader.Position(), None
-  state, loader_state, saved_config = s.checkpointer.restore(s.abstract_state)
+  state, loader_state, saved_config = s.checkpointer.restore_newest_valid(s.abstract_state)
   _warn_config_changes(saved_config, s.config.to_dict())
   step = int(state["step"])
   log.truncate_after(step)
@@ -145,9 +149,10 @@ def _warn_config_changes(saved: dict, current: dict, prefix: str = "") -> None:
 
 
 def run_eval(s: Session, params: Any, split: str) -> dict[str, float]:
+  c = s.config
   metrics = evaluate.evaluate(s.compiled.eval, params, s.prepared.splits[split], mesh=s.mesh,
-                              seq_len=s.config.data.seq_len, batch_size=s.config.train.eval_batch_size,
-                              packed=s.config.data.packing)
+                              template_names=s.prepared.template_names, num_shards=c.data.shards,
+                              seq_len=c.data.seq_len, batch_size=c.train.eval_batch_size, packed=c.data.packing)
   return {f"{split}/{k}": v for k, v in metrics.items()}
 
 
@@ -160,6 +165,10 @@ def _improved(metrics: dict[str, float], best: float | None, c: Any) -> bool:
 
 
 def _check_finite(metrics: dict[str, Any], step: int, position: loader.Position, s: Session) -> None:
+  if s.config.train.skip_nonfinite:  # the step already kept the old weights; metrics count it as skipped
+    if metrics["skipped"]:
+      _log.warning("step %d: non-finite loss or gradient; update skipped (train.skip_nonfinite)", step)
+    return
   if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
     last = s.checkpointer.latest_step()
     raise NonFiniteLoss(f"step {step}: loss {metrics['loss']}, grad norm {metrics['grad_norm']} on batch "
@@ -177,7 +186,11 @@ def train(c: Any, workdir: str | pathlib.Path) -> dict[str, float]:
     if int(state["step"]) == 0:  # the base model, before any update: the baseline fine-tuning must beat
       for split in ("validation", "test"):
         log.write(0, run_eval(s, state["params"], split), echo=f"{split}, base model")
-    state, best = _loop(s, log, state, position, best)
+    state, best, stopped = _loop(s, log, state, position, best)
+    if stopped:
+      log.echo(f"stopped by SIGTERM after step {int(state['step'])}: checkpoint saved in {s.workdir}/checkpoints;"
+               " rerun the same command to resume")
+      return {}
     test = run_eval(s, state["params"], "test")
     log.write(s.total_steps, test, echo="test, fine-tuned model")
     log.write_json("test_metrics.json", {"step": s.total_steps, **test})
@@ -203,23 +216,47 @@ def compare_base(rows: list[dict[str, Any]], final: dict[str, float], split: str
   return "\n".join(lines)
 
 
+class _Preemption:
+  """SIGTERM (what preemptible VMs and schedulers send) asks the loop to checkpoint after the current step and
+  stop. Processes agree on the step, since the signal may reach each host at a slightly different time."""
+
+  def __init__(self):
+    self.requested = False
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._request)
+    except ValueError:  # not the main thread (an embedding application): it keeps its own handling
+      self._previous = None
+
+  def _request(self, signum, frame) -> None:
+    self.requested = True
+
+  def stop_now(self) -> bool:
+    return bool(distributed.global_max(int(self.requested))) if jax.process_count() > 1 else self.requested
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
 def _loop(s: Session, log: MetricsLog, state: Any, position: loader.Position, best: float | None):
   progress = log.progress(initial=int(state["step"]), total=s.total_steps)
+  preemption = _Preemption()
   try:
-    return _steps(s, log, progress, state, position, best)
+    return _steps(s, log, progress, preemption, state, position, best)
   finally:
+    preemption.close()
     progress.close()
 
 
-def _steps(s: Session, log: MetricsLog, progress: Any, state: Any, position: loader.Position,
-           best: float | None):
+def _steps(s: Session, log: MetricsLog, progress: Any, preemption: _Preemption, state: Any,
+           position: loader.Position, best: float | None):
   c = s.config
   batch_sh = steps.train_batch_sharding(s.mesh)
   pending = None  # (step, metrics, position, tokens, t0): fetched after the next step is dispatched
   for step in range(int(state["step"]) + 1, s.total_steps + 1):
     local, following = s.train_loader.batch(position)
     t0 = time.perf_counter()
-    state, metrics = s.compiled.train(state, evaluate.to_global(s.mesh, local, batch_sh))
+    state, metrics = s.compiled.train(state, evaluate.to_global(local, batch_sh))
     if pending is not None:
       _log_train(s, log, progress, *pending)
     pending = (step, metrics, position, int((local["segment_ids"] > 0).sum()) * jax.process_count(), t0)
@@ -231,16 +268,19 @@ def _steps(s: Session, log: MetricsLog, progress: Any, state: Any, position: loa
       log.write(step, validation, echo=f"validation, step {step}")
       improved = _improved(validation, best, c)
       best = validation[c.checkpoint.best_metric] if improved else best
-    if step % c.checkpoint.every == 0 or step == s.total_steps or improved:
+    stop = preemption.stop_now()
+    if step % c.checkpoint.every == 0 or step == s.total_steps or improved or stop:
       if pending is not None:  # never save an update whose loss we have not seen to be finite
         _log_train(s, log, progress, *pending)
         pending = None
       s.checkpointer.save(step, state, {**following.to_json(), "best": best}, c.to_dict(), best=improved)
     position = following
+    if stop:
+      break
   if pending is not None:
     _log_train(s, log, progress, *pending)
   s.checkpointer.wait()
-  return state, best
+  return state, best, stop
 
 
 def _log_train(s: Session, log: MetricsLog, progress: Any, step: int, metrics: Any, position: loader.Position,
@@ -279,7 +319,7 @@ def render(c: Any, *, split: str, num_examples: int) -> str:
   tokenizer = load.open_pretrained(c.model.path).load_tokenizer()
   prepared = prepare_data(c, tokenizer)
   blocks = list(prepared.notes)
-  for example in prepared.splits[split][:num_examples]:
+  for example in prepared.examples(split)[:num_examples]:
     blocks.append(f"\n== {example.template} (record {example.record_index}, {len(example.ids)} tokens; "
                   "weight 1 = trained on)")
     for token_id, weight in zip(example.ids.tolist(), example.weights.tolist()):

@@ -60,7 +60,7 @@ def test_epochs_set_the_step_count_and_the_loader_walks_them(inputs, tmp_path):
   assert max(r["step"] for r in rows) == s.total_steps
   # every training example's target tokens are seen exactly once per epoch
   tokens = sum(r["train/target_tokens"] for r in rows if "train/target_tokens" in r)
-  expected = 2 * sum(float(e.weights[1:].sum()) for e in s.prepared.splits["train"])
+  expected = 2 * sum(float(e.weights[1:].sum()) for e in s.prepared.examples("train"))
   assert tokens == expected
 
 
@@ -120,3 +120,14 @@ def test_cli_prints_one_line_error_without_traceback(inputs, tmp_path):
   proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "nope.jsonl" in proc.stderr
+
+
+def test_skip_nonfinite_skips_bad_updates_and_counts_them(inputs, tmp_path):
+  c = _config(inputs, optim__lr=1e30, optim__clip_norm=1e30, train__skip_nonfinite=True, train__eval_every=100)
+  train.train(c, tmp_path)
+  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  skipped = [r["step"] for r in rows if r.get("train/skipped")]
+  assert skipped and max(r["step"] for r in rows) == c.train.steps  # went on to the end
+  from tests.test_train import _final_params
+  params = _final_params(tmp_path, c.train.steps)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))

@@ -42,9 +42,14 @@ def _metrics(workdir):
 
 
 def _final_params(workdir, step):
+  """A checkpoint's parameters as host numpy arrays, whatever mesh or process count wrote them."""
+  import jax
   import orbax.checkpoint as ocp
-  with ocp.StandardCheckpointer() as ckpt:
-    state = ckpt.restore(workdir / "checkpoints" / str(step) / "state")
+  path = workdir / "checkpoints" / str(step) / "state"
+  with ocp.PyTreeCheckpointer() as ckpt:
+    meta = ckpt.metadata(path)
+    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+    state = ckpt.restore(path, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
   return state["params"]
 
 
@@ -70,24 +75,79 @@ def test_train_eval_render_on_a_2x2x2_mesh(inputs, tmp_path):
   assert weights[0] == 0 and weights[-1] == 1 and "'</s>'" in rendered  # prompt masked, EOS trained
 
 
-def test_kill_9_then_rerun_matches_uninterrupted(inputs, tmp_path):
-  overrides = ["--config.train.steps=24", "--config.train.eval_every=8", "--config.checkpoint.every=4"]
-  reference = tmp_path / "reference"
-  _run(_cmd("train", inputs, reference, *overrides))
+_RESUME = ["--config.train.steps=24", "--config.train.eval_every=8", "--config.checkpoint.every=4",
+           "--config.checkpoint.keep=10"]
 
-  killed = tmp_path / "killed"
-  proc = subprocess.Popen(_cmd("train", inputs, killed, *overrides), cwd=ROOT, env=ENV,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+@pytest.fixture(scope="module")
+def reference(inputs, tmp_path_factory):
+  """An uninterrupted run that the interrupted ones must reproduce bit for bit."""
+  workdir = tmp_path_factory.mktemp("reference")
+  _run(_cmd("train", inputs, workdir, *_RESUME))
+  return workdir
+
+
+def _start_and_wait(inputs, workdir, step, *extra):
+  proc = subprocess.Popen(_cmd("train", inputs, workdir, *_RESUME, *extra), cwd=ROOT, env=ENV,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   deadline = time.time() + 300
-  while not (killed / "checkpoints" / "8").is_dir() and time.time() < deadline and proc.poll() is None:
+  while not (workdir / "checkpoints" / str(step)).is_dir() and time.time() < deadline and proc.poll() is None:
     time.sleep(0.02)
+  return proc
+
+
+def _assert_reproduces(workdir, reference):
+  import jax
+  jax.tree.map(np.testing.assert_array_equal, _final_params(workdir, 24), _final_params(reference, 24))
+  losses = lambda w: {r["step"]: r["train/loss"] for r in _metrics(w) if "train/loss" in r}
+  assert losses(workdir) == losses(reference)
+  assert json.loads((workdir / "test_metrics.json").read_text()) == json.loads(
+      (reference / "test_metrics.json").read_text())
+
+
+def test_kill_9_then_rerun_matches_uninterrupted(inputs, reference, tmp_path):
+  proc = _start_and_wait(inputs, tmp_path, 8)
   proc.send_signal(signal.SIGKILL)
   assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed mid-way"
-  _run(_cmd("train", inputs, killed, *overrides))  # the same command again: resumes
+  _run(_cmd("train", inputs, tmp_path, *_RESUME))  # the same command again: resumes
+  _assert_reproduces(tmp_path, reference)
 
-  import jax
-  jax.tree.map(np.testing.assert_array_equal, _final_params(killed, 24), _final_params(reference, 24))
-  losses = lambda w: {r["step"]: r["train/loss"] for r in _metrics(w) if "train/loss" in r}
-  assert losses(killed) == losses(reference)
-  assert json.loads((killed / "test_metrics.json").read_text()) == json.loads(
-      (reference / "test_metrics.json").read_text())
+
+def test_sigterm_checkpoints_and_exits_0_then_resumes(inputs, reference, tmp_path):
+  proc = _start_and_wait(inputs, tmp_path, 4)
+  proc.send_signal(signal.SIGTERM)
+  stderr, _ = proc.communicate(timeout=300)  # both streams
+  assert proc.returncode == 0, stderr[-2000:]
+  assert "stopped by SIGTERM after step" in stderr
+  stopped_at = int(stderr.split("stopped by SIGTERM after step ")[1].split(":")[0])
+  assert stopped_at < 24 and (tmp_path / "checkpoints" / str(stopped_at)).is_dir()  # saved where it stopped
+  _run(_cmd("train", inputs, tmp_path, *_RESUME))
+  _assert_reproduces(tmp_path, reference)
+
+
+def test_damaged_latest_checkpoint_is_skipped_with_a_warning(inputs, reference, tmp_path):
+  proc = _start_and_wait(inputs, tmp_path, 12)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  newest = max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  for f in (tmp_path / "checkpoints" / str(newest) / "state").rglob("*"):
+    if f.is_file() and f.stat().st_size > 0:
+      f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # a half-written disk, say
+  stderr = _run(_cmd("train", inputs, tmp_path, *_RESUME)).stderr
+  assert f"checkpoints/{newest} is unreadable" in stderr
+  _assert_reproduces(tmp_path, reference)
+
+
+def test_fault_injection_kill_at_random_moments(inputs, reference, tmp_path):
+  """kill -9 at three seeded random moments of one run (start-up, steps, saves); the end state is unchanged."""
+  rng = np.random.default_rng(0)
+  for delay in rng.uniform(2.0, 14.0, size=3):
+    proc = subprocess.Popen(_cmd("train", inputs, tmp_path, *_RESUME), cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+      proc.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+      proc.send_signal(signal.SIGKILL)
+      proc.wait()
+  _run(_cmd("train", inputs, tmp_path, *_RESUME))
+  _assert_reproduces(tmp_path, reference)

@@ -25,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.test_fraction = 0.1  # of records, for sources without their own test split
   c.data.max_train_examples = 0  # cap on training examples after templating (0 = all); capped count is logged
   c.data.max_eval_examples = 60  # per template and eval split (0 = all); the cap is logged
+  c.data.shards = 8  # fixed data shards; a multiple of the process count; keep it when resuming elsewhere
   c.data.skip_malformed = False  # skip (and count) malformed lines in data files instead of stopping
 
   c.train = ml_collections.ConfigDict()
@@ -35,6 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 30  # steps between validation evaluations (also at step 0: the base model)
   c.train.eval_batch_size = 16  # rows per eval step
   c.train.log_every = 1  # steps between train metric lines in metrics.jsonl
+  c.train.skip_nonfinite = False  # NaN/inf loss or gradient: False = stop (keep last good checkpoint); True = skip
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-4  # peak learning rate

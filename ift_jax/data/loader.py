@@ -1,20 +1,24 @@
 """From sources and templates to batches: deterministic, resumable, and per process.
 
-The training order is a pure function of (seed, epoch): each epoch shuffles the examples with its own seeded
-permutation and packs them next-fit. A position is just {"epoch", "batch"}, so a checkpoint stores two integers
-and a resumed run rebuilds exactly the batches the uninterrupted run would have seen.
+Examples are dealt into `num_shards` fixed shards by their index (record-major, templates in name order):
+example i belongs to shard i % num_shards. Each process owns a contiguous block of shards and tokenizes only
+those examples. Every epoch, each shard shuffles its examples with a permutation seeded by (seed, epoch, shard)
+and packs them next-fit; global batch b is the concatenation, shard by shard, of each shard's rows
+[b·r, (b+1)·r) with r = batch_size / num_shards. So the batches do not depend on the number of processes or
+devices (only on num_shards), process p's rows are one contiguous block of every global batch, and a loader
+position is just {"epoch", "batch"}.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import logging
 import math
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from ift_jax import distributed
 from ift_jax.data import pack, sources, templates, tokenize
 from ift_jax.errors import UserError
 
@@ -22,60 +26,101 @@ SPLITS = ("train", "validation", "test")
 
 
 @dataclasses.dataclass(frozen=True)
-class Prepared:
-  """Tokenized examples per split, and what was done to them, line by line, for the log."""
+class ShardPlan:
+  """Which of the `num_shards` data shards this process owns: a contiguous block."""
 
-  splits: dict[str, list[tokenize.Example]]
+  num_shards: int
+  process_index: int = 0
+  process_count: int = 1
+
+  def __post_init__(self):
+    if self.num_shards % self.process_count:
+      raise UserError(f"data.shards={self.num_shards} must be a multiple of the {self.process_count} processes")
+
+  @property
+  def mine(self) -> range:
+    per = self.num_shards // self.process_count
+    return range(self.process_index * per, (self.process_index + 1) * per)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  """This process's tokenized examples, per split and shard, and what was done to them (all processes)."""
+
+  splits: dict[str, dict[int, list[tokenize.Example]]]
   notes: list[str]
+  template_names: list[str]  # every "source/template", the same list on every process
+
+  def examples(self, split: str) -> list[tokenize.Example]:
+    return [e for shard in sorted(self.splits[split]) for e in self.splits[split][shard]]
 
 
 def prepare(tokenizer: Any, *, source_specs: Sequence[str], templates_spec: str, seq_len: int, chat: bool,
             seed: int, validation_fraction: float, test_fraction: float, skip_malformed: bool,
-            max_train_examples: int, max_eval_examples: int) -> Prepared:
-  """Loads every source, applies its templates, tokenizes each split and applies the configured caps."""
+            max_train_examples: int, max_eval_examples: int, plan: ShardPlan) -> Prepared:
+  """Loads every source, applies its templates, tokenizes this process's shards of each split, with caps."""
   all_templates = templates.load_templates(templates_spec)
-  examples: dict[str, list[tokenize.Example]] = {s: [] for s in SPLITS}
-  notes = []
+  caps = {"train": max_train_examples, "validation": max_eval_examples, "test": max_eval_examples}
+  splits: dict[str, dict[int, list[tokenize.Example]]] = {s: {k: [] for k in plan.mine} for s in SPLITS}
+  notes, names = [], []
+  offsets = dict.fromkeys(SPLITS, 0)  # example indices continue across sources
   for spec in source_specs:
     src = sources.load_source(spec, seed=seed, validation_fraction=validation_fraction,
                               test_fraction=test_fraction, skip_malformed=skip_malformed)
     chosen = templates.templates_for(all_templates, src.name)
+    names += [f"{src.name}/{t}" for t in sorted(chosen)]
     sizes = ", ".join(f"{s} {len(src.splits[s])}" for s in SPLITS)
     notes.append(f"source {src.name}: {sizes} records; {src.skipped} skipped; templates {sorted(chosen)}")
     for split in SPLITS:
-      stats = tokenize.TokenizeStats()
-      examples[split] += tokenize.tokenize_split(tokenizer, chosen, src.splits[split], source=src.name,
-                                                 seq_len=seq_len, chat=chat, stats=stats)
-      notes.append(f"  {split}: {stats.summary()}")
-  caps = {"train": max_train_examples, "validation": max_eval_examples, "test": max_eval_examples}
-  for split in SPLITS:
-    examples[split], note = _cap(examples[split], caps[split], per_template=split != "train", seed=seed)
-    if note:
-      notes.append(f"  {split}: {note}")
-  if not examples["train"]:
+      stats, capped = _tokenize_shards(tokenizer, chosen, src, split, splits[split], offsets[split],
+                                       cap=caps[split], seed=seed, plan=plan, seq_len=seq_len, chat=chat)
+      offsets[split] += len(src.splits[split]) * len(chosen)
+      notes.append(f"  {split}: {stats}{capped}")
+  if not distributed.global_max(sum(len(v) for v in splits["train"].values())):
     raise UserError(f"data.source={','.join(source_specs)!r}: no training examples after templating; check "
                     "data.source and data.templates")
-  return Prepared(examples, notes)
+  return Prepared(splits, notes, sorted(names))
 
 
-def _cap(examples: list[tokenize.Example], cap: int, *, per_template: bool, seed: int
-         ) -> tuple[list[tokenize.Example], str]:
-  """Keeps a seeded random subset of at most `cap` examples (per template for eval splits), in a stable order."""
-  if cap <= 0:
-    return examples, ""
-  order = np.random.default_rng(seed).permutation(len(examples))
+def _tokenize_shards(tokenizer, chosen, src, split, shards, offset, *, cap, seed, plan, seq_len, chat):
+  """Tokenizes the (record, template) pairs of `split` that fall in this process's shards and pass the cap."""
+  records, names = src.splits[split], sorted(chosen)
+  keep = _capped(len(records), len(names), cap, per_template=split != "train", seed=seed + offset)
+  stats = tokenize.TokenizeStats()
+  for local in keep:
+    index = offset + local
+    shard = index % plan.num_shards
+    if shard in shards:
+      record_index, t = divmod(local, len(names))
+      example = tokenize.tokenize(tokenizer, chosen[names[t]], records[record_index], seq_len=seq_len,
+                                  chat=chat, stats=stats, source=src.name, record_index=record_index)
+      if example is not None:
+        shards[shard].append(example)
+  counts = distributed.global_sum(np.array([[c.examples, c.truncated, c.dropped] for c in (
+      stats.counts.get(f"{src.name}/{n}", tokenize.TemplateCounts()) for n in names)] or np.zeros((0, 3))))
+  summary = ", ".join(f"{src.name}/{n}: {e}/{t}/{d}" for n, (e, t, d) in zip(names, counts.astype(int)))
+  total = counts.sum(axis=0).astype(int) if len(counts) else (0, 0, 0)
+  capped = f"; cap {cap} {'per template' if split != 'train' else 'in all'} kept {len(keep)} of " \
+           f"{len(records) * len(names)}" if len(keep) < len(records) * len(names) else ""
+  return (f"{total[0]} examples ({total[1]} truncated, {total[2]} dropped); per template "
+          f"examples/truncated/dropped: {summary or 'none'}"), capped
+
+
+def _capped(num_records: int, num_templates: int, cap: int, *, per_template: bool, seed: int) -> list[int]:
+  """Indices (record-major) of the (record, template) pairs kept: a seeded random subset of at most `cap`
+  (per template for eval splits), in the original order; the same on every process."""
+  total = num_records * num_templates
+  if cap <= 0 or (cap >= num_records if per_template else cap >= total):
+    return list(range(total))
+  order = np.random.default_rng(seed).permutation(total)
   taken: collections.Counter = collections.Counter()
   keep = []
   for i in order:
-    key = examples[i].template if per_template else ""
+    key = i % num_templates if per_template else 0
     if taken[key] < cap:
       taken[key] += 1
       keep.append(int(i))
-  if len(keep) == len(examples):
-    return examples, ""
-  scope = "per template" if per_template else "in all"
-  return ([examples[i] for i in sorted(keep)],
-          f"using {len(keep)} of {len(examples)} examples (cap {cap} {scope})")
+  return sorted(keep)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,46 +134,50 @@ class Position:
     return {"epoch": self.epoch, "batch": self.batch}
 
 
+
 class TrainLoader:
-  """Global batches shaped (A, B/A, L) from per-epoch shuffled, packed rows; this process's share only."""
+  """This process's part, shaped (A, B/(A·P), L), of each global batch; see the module docstring."""
 
-  def __init__(self, examples: Sequence[tokenize.Example], *, seq_len: int, batch_size: int, grad_accum: int,
-               packed: bool, seed: int, process_index: int = 0, process_count: int = 1):
-    self._examples, self._seq_len, self._packed, self._seed = examples, seq_len, packed, seed
-    self._batch_size, self._accum = batch_size, grad_accum
-    self._process_index, self._process_count = process_index, process_count
-    self._rows_cache: tuple[int, pack.Rows] | None = None
+  def __init__(self, shards: Mapping[int, Sequence[tokenize.Example]], *, num_shards: int, seq_len: int,
+               batch_size: int, grad_accum: int, packed: bool, seed: int):
+    if batch_size % num_shards:
+      raise UserError(f"train.batch_size={batch_size} must be a multiple of data.shards={num_shards}")
+    self._shards, self._num_shards, self._seq_len = shards, num_shards, seq_len
+    self._rows_per_shard, self._accum, self._packed, self._seed = batch_size // num_shards, grad_accum, packed, seed
+    self._cache: dict[int, tuple[dict[int, pack.Rows], int]] = {}
 
-  def rows(self, epoch: int) -> pack.Rows:
-    if self._rows_cache is None or self._rows_cache[0] != epoch:
-      order = np.random.default_rng([self._seed, epoch]).permutation(len(self._examples))
-      rows = pack.pack([self._examples[i] for i in order], seq_len=self._seq_len, packed=self._packed)
-      self._rows_cache = (epoch, rows)
-    return self._rows_cache[1]
+  def _epoch(self, epoch: int) -> tuple[dict[int, pack.Rows], int]:
+    """Each owned shard's rows for `epoch`, and the epoch's batch count (the same on every process)."""
+    if epoch not in self._cache:
+      rows = {}
+      for shard, examples in self._shards.items():
+        order = np.random.default_rng([self._seed, epoch, shard]).permutation(len(examples))
+        rows[shard] = pack.pack([examples[i] for i in order], seq_len=self._seq_len, packed=self._packed)
+      longest = distributed.global_max(max((len(r) for r in rows.values()), default=0))
+      self._cache = {epoch: (rows, math.ceil(longest / self._rows_per_shard))}  # keep one epoch in memory
+    return self._cache[epoch]
 
   def batches_in_epoch(self, epoch: int) -> int:
-    return math.ceil(len(self.rows(epoch)) / self._batch_size)
+    return self._epoch(epoch)[1]
 
   def steps_for_epochs(self, epochs: int) -> int:
     return sum(self.batches_in_epoch(e) for e in range(epochs))
 
   def batch(self, position: Position) -> tuple[dict[str, np.ndarray], Position]:
     """This process's part of the batch at `position`, and the position after it."""
-    rows = self.rows(position.epoch)
-    begin = position.batch * self._batch_size
-    global_batch = _slice_rows(rows, begin, begin + self._batch_size)
-    per_process = self._batch_size // self._process_count
-    lo = self._process_index * per_process
-    local = {k: v[lo:lo + per_process] for k, v in global_batch.items()}
+    rows, count = self._epoch(position.epoch)
+    begin = position.batch * self._rows_per_shard
+    parts = [_slice_rows(rows[s], begin, begin + self._rows_per_shard) for s in sorted(rows)]
+    local = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     local = {k: v.reshape(self._accum, -1, *v.shape[1:]) for k, v in local.items()}
     following = Position(position.epoch, position.batch + 1)
-    if following.batch >= self.batches_in_epoch(position.epoch):
+    if following.batch >= count:
       following = Position(position.epoch + 1, 0)
     return local, following
 
 
 def _slice_rows(rows: pack.Rows, begin: int, end: int) -> dict[str, np.ndarray]:
-  """Rows [begin, end), padded with empty rows (weight 0, segment 0) when the epoch runs out."""
+  """Rows [begin, end), padded with empty rows (weight 0, segment 0) when the shard runs out."""
   out = {}
   for key in ("inputs", "targets", "weights", "segment_ids", "positions"):
     part = getattr(rows, key)[begin:end]
@@ -141,22 +190,32 @@ def _slice_rows(rows: pack.Rows, begin: int, end: int) -> dict[str, np.ndarray]:
 
 @dataclasses.dataclass(frozen=True)
 class EvalBatch:
-  arrays: dict[str, np.ndarray]  # (B, L) each
-  examples: list[list[int]]  # per row, the example index of segment 1, 2, ...
+  arrays: dict[str, np.ndarray]  # this process's (B/P, L) rows
+  examples: list[list[tokenize.Example]]  # per local row, the examples of segment 1, 2, ... (empty: padding)
 
 
-def eval_batches(examples: Sequence[tokenize.Example], *, seq_len: int, batch_size: int, packed: bool
-                 ) -> Iterator[EvalBatch]:
-  """Every example exactly once, in order, in fixed-shape batches (the last one padded with empty rows)."""
-  rows = pack.pack(examples, seq_len=seq_len, packed=packed)
-  for begin in range(0, len(rows), batch_size):
-    layout = rows.layout[begin:begin + batch_size]
-    yield EvalBatch(_slice_rows(rows, begin, begin + batch_size), [list(r) for r in layout])
+def eval_batches(shards: Mapping[int, Sequence[tokenize.Example]], *, num_shards: int, seq_len: int,
+                 batch_size: int, packed: bool) -> Iterator[EvalBatch]:
+  """This process's rows of every eval batch: each example exactly once; the same batch count everywhere."""
+  per = batch_size // num_shards
+  rows = {s: pack.pack(list(e), seq_len=seq_len, packed=packed) for s, e in sorted(shards.items())}
+  count = math.ceil(distributed.global_max(max((len(r) for r in rows.values()), default=0)) / per)
+  for b in range(count):
+    parts = [_slice_rows(r, b * per, (b + 1) * per) for r in rows.values()]
+    layout = [[shards[s][i] for i in row]
+              for s, r in rows.items() for row in _pad(r.layout[b * per:(b + 1) * per], per)]
+    yield EvalBatch({k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, layout)
 
 
-def max_segments(examples: Sequence[tokenize.Example], *, seq_len: int, packed: bool) -> int:
-  """The most examples any eval row holds; fixes the eval step's static per-row slot count."""
-  if not examples:
-    return 1
-  rows = pack.pack(examples, seq_len=seq_len, packed=packed)
-  return max(len(r) for r in rows.layout)
+def _pad(layout: list[list[int]], size: int) -> list[list[int]]:
+  return layout + [[] for _ in range(size - len(layout))]
+
+
+def max_segments(prepared: Prepared, *, splits: Sequence[str], seq_len: int, packed: bool) -> int:
+  """The most examples any eval row holds (over all processes); fixes the eval step's static slot count."""
+  most = 1
+  for split in splits:
+    for examples in prepared.splits[split].values():
+      if examples:
+        most = max(most, max(len(r) for r in pack.pack(examples, seq_len=seq_len, packed=packed).layout))
+  return distributed.global_max(most)

@@ -1,0 +1,80 @@
+"""2 processes × 4 CPU devices (loopback coordinator, gloo) against 1 process × 8 devices, and elastic resume."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+
+import jax
+import numpy as np
+import pytest
+
+from tests.test_train import ROOT, _cmd, _final_params, _metrics, _run, inputs  # noqa: F401 (fixture)
+
+_STEPS = ["--config.train.steps=8", "--config.train.eval_every=4", "--config.checkpoint.every=4",
+          "--config.checkpoint.keep=10"]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _run_processes(inputs, workdir, num_processes, devices_each, *extra):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_each}"}
+  address = f"127.0.0.1:{_free_port()}"
+  procs = [subprocess.Popen(
+      _cmd("train", inputs, workdir, *_STEPS, *extra, f"--coordinator_address={address}",
+           f"--num_processes={num_processes}", f"--process_id={i}", "--initialization_timeout=60"),
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(num_processes)]
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+  return outputs
+
+
+def _losses(workdir):
+  return {r["step"]: r["train/loss"] for r in _metrics(workdir) if "train/loss" in r}
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_and_resume_elastically(inputs, tmp_path):
+  single, multi = tmp_path / "single", tmp_path / "multi"
+  _run(_cmd("train", inputs, single, *_STEPS))
+  outputs = _run_processes(inputs, multi, 2, 4)
+  assert "validation, base model" in outputs[0] and "validation, base model" not in outputs[1]  # only 0 logs
+
+  a, b = _losses(single), _losses(multi)
+  assert sorted(a) == sorted(b) == list(range(1, 9))
+  np.testing.assert_allclose([a[k] for k in sorted(a)], [b[k] for k in sorted(b)], atol=1e-5)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-4), _final_params(multi, 8),
+               _final_params(single, 8))
+  test_single = json.loads((single / "test_metrics.json").read_text())
+  test_multi = json.loads((multi / "test_metrics.json").read_text())
+  assert test_single.keys() == test_multi.keys()
+  np.testing.assert_allclose([test_single[k] for k in sorted(test_single)],
+                             [test_multi[k] for k in sorted(test_single)], atol=1e-5)
+
+  # Elastic: the 2-process checkpoint of step 4 continues on 1 process with 4 devices, on the same data order.
+  elastic = tmp_path / "elastic"
+  shutil.copytree(multi, elastic)
+  shutil.rmtree(elastic / "checkpoints" / "8")
+  shutil.rmtree(elastic / "best", ignore_errors=True)
+  _run_processes(inputs, elastic, 1, 4)
+  c = _losses(elastic)
+  np.testing.assert_allclose([c[k] for k in range(5, 9)], [b[k] for k in range(5, 9)], atol=1e-5)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-4), _final_params(elastic, 8),
+               _final_params(multi, 8))
+
+
+def test_an_unreachable_coordinator_fails_fast_with_a_clear_message(inputs, tmp_path):
+  proc = subprocess.run(_cmd("train", inputs, tmp_path, f"--coordinator_address=127.0.0.1:{_free_port()}",
+                             "--num_processes=2", "--process_id=1", "--initialization_timeout=5"),
+                        cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 2
+  assert "could not join the job via coordinator 127.0.0.1:" in proc.stderr.strip().splitlines()[-1]
