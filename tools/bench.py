@@ -1,0 +1,110 @@
+"""Times the project's real train step on a named model shape with random weights; prints one JSON line.
+
+    python tools/bench.py --model smollm2-135m --batch 8 --seq 128 --steps 4 --dtype float32
+    python tools/bench.py --model llama-1b --batch 8 --seq 2048            # on a GPU
+
+Same shapes and the same FLOPs formula as the PyTorch peer (../shared/peer/torch_hf_sft.py), so the two JSON
+lines of one machine give a ratio. A benchmark, not a test: nothing here asserts a speed.
+Needs only jax, flax and optax (not datasets or ml_collections), so it runs on the bare device image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ift_jax import optim, sharding, steps
+from ift_jax.model import load
+from ift_jax.model.config import ModelConfig
+
+SHAPES = {  # the peer's shapes (Llama-3.2-1B, Qwen2.5-0.5B without qkv bias, SmolLM2-135M, tiny)
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0),
+    "qwen-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                      num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=1e5),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True),
+}
+
+
+def train_flops_per_token(shape: dict, seq: int) -> float:
+  """6 × matmul parameters + 12·L·H·Dh·T attention (the peer's convention: causal attention not halved)."""
+  d, f, n, v = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"], shape["vocab_size"]
+  h, kv = shape["num_attention_heads"], shape["num_key_value_heads"]
+  hd = d // h
+  per_layer = d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * f
+  return 6 * (n * per_layer + d * v) + 12 * n * h * hd * seq
+
+
+def _batch(vocab: int, batch: int, seq: int) -> dict[str, np.ndarray]:
+  """One example per row, the first quarter as an unweighted prompt, as in the peer."""
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, vocab, size=(batch, seq + 1)).astype(np.int32)
+  weights = np.ones((batch, seq), np.float32)
+  weights[:, : seq // 4] = 0
+  return {"inputs": tokens[None, :, :-1], "targets": tokens[None, :, 1:], "weights": weights[None],
+          "segment_ids": np.ones((1, batch, seq), np.int32),
+          "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (1, batch, seq)).copy()}
+
+
+def run(args: argparse.Namespace) -> dict:
+  shape = SHAPES[args.model]
+  cfg = ModelConfig.from_hf({"model_type": "llama", **shape, "max_position_embeddings": max(args.seq, 2048)})
+  mesh = sharding.make_mesh(data=args.data, fsdp=args.fsdp, tensor=args.tensor)
+  graphdef, abstract, _ = load.abstract_model(cfg)
+  param_sh = load.param_shardings(mesh, cfg)
+  schedule = optim.learning_rate_schedule(lr=1e-5, warmup_steps=0, total_steps=1000, end_lr_ratio=1.0)
+  optimizer = optim.make_optimizer(lr=1e-5, warmup_steps=0, total_steps=1000, end_lr_ratio=1.0,
+                                   weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0)
+  runner = steps.ModelRunner(graphdef, compute_dtype=jnp.dtype(args.dtype), remat=args.remat)
+  compiled = steps.jit_steps(runner, optimizer, schedule, mesh=mesh, abstract_params=abstract,
+                             param_shardings=param_sh, num_slots=2)
+  state = compiled.init(load.init_params(cfg, mesh, seed=0))
+  batch = jax.device_put(_batch(cfg.vocab_size, args.batch, args.seq), steps.train_batch_sharding(mesh))
+  t0 = time.perf_counter()
+  state, metrics = compiled.train(state, batch)
+  jax.block_until_ready(metrics)
+  compile_s = time.perf_counter() - t0
+  for _ in range(args.warmup):
+    state, metrics = compiled.train(state, batch)
+  jax.block_until_ready(metrics)
+  t0 = time.perf_counter()
+  for _ in range(args.steps):
+    state, metrics = compiled.train(state, batch)
+  jax.block_until_ready(metrics)
+  step_s = (time.perf_counter() - t0) / args.steps
+  tokens_per_s = args.batch * args.seq / step_s
+  stats = jax.devices()[0].memory_stats() or {}
+  return dict(impl="ift-jax", model=args.model, batch=args.batch, seq=args.seq, dtype=args.dtype,
+              remat=args.remat, step_s=round(step_s, 4), tokens_per_s=round(tokens_per_s, 1),
+              mfu=round(tokens_per_s * train_flops_per_token(shape, args.seq) / (args.peak_tflops * 1e12), 4),
+              peak_mem_gib=round(stats["peak_bytes_in_use"] / 2**30, 2) if "peak_bytes_in_use" in stats else None,
+              compile_s=round(compile_s, 2), loss=round(float(metrics["loss"]), 4),
+              jax=jax.__version__, device=jax.devices()[0].device_kind, devices=jax.device_count())
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--model", default="smollm2-135m", choices=sorted(SHAPES))
+  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--seq", type=int, default=128)
+  ap.add_argument("--steps", type=int, default=5)
+  ap.add_argument("--warmup", type=int, default=1)
+  ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+  ap.add_argument("--remat", default="none", choices=["none", "full", "dots"])
+  ap.add_argument("--data", type=int, default=-1)
+  ap.add_argument("--fsdp", type=int, default=1)
+  ap.add_argument("--tensor", type=int, default=1)
+  ap.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak (H100/H200 SXM: 989)")
+  print(json.dumps(run(ap.parse_args())), flush=True)
+
+
+if __name__ == "__main__":
+  main()
