@@ -110,3 +110,46 @@ def test_reduced_precision_checkpoint_loads_exactly_into_float32(dtype, tmp_path
   expected = reference.model.layers[1].mlp.down_proj.weight.detach().float().numpy().T
   np.testing.assert_array_equal(np.asarray(params["layers"]["down"][1]), expected)
   assert params["layers"]["down"].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("family", sorted(hf_models.FAMILIES))
+def test_reported_loss_equals_transformers_cross_entropy(family, tmp_path):
+  """Per-example loss of packed rows, as the eval step reports it, equals torch's cross-entropy of the same
+  tokens (each example alone, prompt masked) under the transformers model."""
+  import torch
+  from flax import nnx
+  from ift_jax import losses
+  reference = hf_models.build(family, tmp_path)
+  rng = np.random.default_rng(3)
+  lengths = [(11, 7), (9, 12)]  # two rows, two examples each, then padding to 24
+  examples = [[rng.integers(3, 97, size=n) for n in row] for row in lengths]
+  tokens, segments, positions, weights = (np.zeros((2, 24), np.int32) for _ in range(4))
+  for r, row in enumerate(examples):
+    start = 0
+    for s, ids in enumerate(row, start=1):
+      n = len(ids)
+      tokens[r, start:start + n], segments[r, start:start + n] = ids, s
+      positions[r, start:start + n] = np.arange(n)
+      weights[r, start + 3:start + n - 1] = 1  # prompt = first 4 tokens; the last token has no target
+      start += n
+  targets = np.concatenate([tokens[:, 1:], np.zeros((2, 1), np.int32)], axis=1)
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  pretrained = load.open_pretrained(str(tmp_path))
+  params = load.load_params(pretrained, mesh)
+  graphdef, _, _ = load.abstract_model(pretrained.cfg)
+
+  @jax.jit
+  def eval_sums(params, tokens, positions, segments, targets, weights):
+    logits = nnx.merge(graphdef, nnx.State(params))(tokens, positions, segments)
+    return losses.per_segment_sums(logits, targets, weights.astype(jnp.float32), segments, 3)["loss"]
+
+  with sharding.use_mesh(mesh):
+    ours = np.asarray(eval_sums(params, tokens, positions, segments, targets, weights))
+  for r, row in enumerate(examples):
+    for s, ids in enumerate(row, start=1):
+      with torch.no_grad():
+        logits = reference(torch.as_tensor(ids[None], dtype=torch.long)).logits[0, :-1]
+      labels = torch.as_tensor(ids[1:], dtype=torch.long).clone()
+      labels[:3] = -100  # transformers' ignore index: the prompt targets
+      theirs = torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+      assert ours[r, s] == pytest.approx(theirs, rel=1e-5, abs=1e-4), (r, s)
