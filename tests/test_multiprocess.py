@@ -22,12 +22,12 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run_processes(inputs, workdir, num_processes, devices_each, *extra):
+def _run_processes(inputs, workdir, num_processes, devices_each, *extra, command="train"):
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_each}"}
   address = f"127.0.0.1:{_free_port()}"
   procs = [subprocess.Popen(
-      _cmd("train", inputs, workdir, *_STEPS, *extra, f"--coordinator_address={address}",
+      _cmd(command, inputs, workdir, *_STEPS, *extra, f"--coordinator_address={address}",
            f"--num_processes={num_processes}", f"--process_id={i}", "--initialization_timeout=60"),
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(num_processes)]
@@ -58,6 +58,12 @@ def test_two_processes_match_one_process_and_resume_elastically(inputs, tmp_path
   assert test_single.keys() == test_multi.keys()
   np.testing.assert_allclose([test_single[k] for k in sorted(test_single)],
                              [test_multi[k] for k in sorted(test_single)], atol=1e-5)
+
+  # Export on 2 processes: every process joins each gather, process 0 writes; same bytes as one process.
+  _run_processes(inputs, multi, 2, 4, f"--out={tmp_path / 'hf2'}", command="export")
+  _run(_cmd("export", inputs, multi, f"--out={tmp_path / 'hf1'}"))
+  for name in ("model.safetensors", "config.json"):
+    assert (tmp_path / "hf2" / name).read_bytes() == (tmp_path / "hf1" / name).read_bytes(), name
 
   # Elastic: the 2-process checkpoint of step 4 continues on 1 process with 4 devices, on the same data order.
   elastic = tmp_path / "elastic"
