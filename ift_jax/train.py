@@ -7,7 +7,6 @@ jitted steps → loop (train, validate, checkpoint) → test metrics.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import pathlib

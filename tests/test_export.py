@@ -15,9 +15,9 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from ift_jax import export, sharding
+from ift_jax import export
 from ift_jax.errors import UserError
-from ift_jax.model import load, weights
+from ift_jax.model import load
 from tests import fixtures, hf_models, tokenizer_util
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
