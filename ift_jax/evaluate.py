@@ -40,7 +40,7 @@ def evaluate(eval_fn: Callable, params: Any, shards: Mapping[int, Sequence[token
     sums = eval_fn(params, to_global(eval_batch.arrays, batch_sh))
     if pending is not None:  # read the previous batch's sums while this one computes
       _accumulate(totals, index, *pending)
-    pending = (eval_batch.examples, {k: v for k, v in sums.items()}, rows)
+    pending = (eval_batch.examples, sums, rows)
   if pending is not None:
     _accumulate(totals, index, *pending)
   return _metrics(distributed.global_sum(totals), template_names)
