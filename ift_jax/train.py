@@ -91,24 +91,61 @@ def build_session(c: Any, workdir: str | pathlib.Path) -> Session:
       prepared.splits["train"], num_shards=c.data.shards, seq_len=c.data.seq_len,
       batch_size=c.train.batch_size, grad_accum=c.train.grad_accum, packed=c.data.packing, seed=c.seed)
   total = c.train.steps if c.train.steps > 0 else train_loader.steps_for_epochs(c.train.epochs)
-  graphdef, abstract_params, _ = load.abstract_model(pretrained.cfg)
-  param_sh = load.param_shardings(mesh, pretrained.cfg)
-  schedule = optim.learning_rate_schedule(lr=c.optim.lr, warmup_steps=c.optim.warmup_steps, total_steps=total,
-                                          end_lr_ratio=c.optim.end_lr_ratio)
-  optimizer = optim.make_optimizer(
-      lr=c.optim.lr, warmup_steps=c.optim.warmup_steps, total_steps=total, end_lr_ratio=c.optim.end_lr_ratio,
-      weight_decay=c.optim.weight_decay, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps,
-      clip_norm=c.optim.clip_norm)
   slots = 1 + loader.max_segments(prepared, splits=("validation", "test"), seq_len=c.data.seq_len,
                                   packed=c.data.packing)
+  compiled, state_sh, abstract_state = _compile(c, mesh, pretrained.cfg, total_steps=total,
+                                                num_slots=-(-slots // 8) * 8)
+  return Session(c, pathlib.Path(workdir), mesh, tokenizer, prepared, train_loader, total, compiled, state_sh,
+                 abstract_state, checkpoint.Checkpointer(workdir, keep=c.checkpoint.keep), pretrained)
+
+
+def _compile(c: Any, mesh: Any, cfg: Any, *, total_steps: int, num_slots: int):
+  """The jitted steps, the state's shardings and its abstract (shape + sharding) tree."""
+  graphdef, abstract_params, _ = load.abstract_model(cfg)
+  param_sh = load.param_shardings(mesh, cfg)
+  o = c.optim
+  schedule = optim.learning_rate_schedule(lr=o.lr, warmup_steps=o.warmup_steps, total_steps=total_steps,
+                                          end_lr_ratio=o.end_lr_ratio)
+  optimizer = optim.make_optimizer(
+      lr=o.lr, warmup_steps=o.warmup_steps, total_steps=total_steps, end_lr_ratio=o.end_lr_ratio,
+      weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, clip_norm=o.clip_norm)
   runner = steps.ModelRunner(graphdef, compute_dtype=_DTYPES[c.model.compute_dtype], remat=c.model.remat)
   compiled = steps.jit_steps(runner, optimizer, schedule, mesh=mesh, abstract_params=abstract_params,
-                             param_shardings=param_sh, num_slots=-(-slots // 8) * 8,
+                             param_shardings=param_sh, num_slots=num_slots,
                              skip_nonfinite=c.train.skip_nonfinite)
   state_sh = steps.state_shardings(optimizer, abstract_params, param_sh, mesh)
   abstract_state = checkpoint.abstract_like(jax.eval_shape(compiled.init, abstract_params), state_sh)
-  return Session(c, pathlib.Path(workdir), mesh, tokenizer, prepared, train_loader, total, compiled, state_sh,
-                 abstract_state, checkpoint.Checkpointer(workdir, keep=c.checkpoint.keep), pretrained)
+  return compiled, state_sh, abstract_state
+
+
+def dry_run(c: Any) -> dict[str, Any]:
+  """Compiles the train step for the configured shapes, without weights or data, and reports per-device memory
+  (XLA's `memory_analysis`) and, where the device reports its capacity, the largest global batch that fits."""
+  validate_config(c)
+  mesh = sharding.make_mesh(data=c.mesh.data, fsdp=c.mesh.fsdp, tensor=c.mesh.tensor)
+  _check_batch(c, mesh)
+  cfg = load.open_pretrained(c.model.path).cfg
+  compiled, _, abstract_state = _compile(c, mesh, cfg, total_steps=max(c.train.steps, 1), num_slots=8)
+  need = lambda rows: _step_bytes(compiled, abstract_state, mesh, rows, c)
+  limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")  # None on CPU
+  report = {"batch_size": c.train.batch_size, "seq_len": c.data.seq_len,
+            "bytes_per_device": need(c.train.batch_size), "device_bytes_limit": limit}
+  if limit:  # the configured batch doubled while it fits (doubling keeps every divisibility rule)
+    rows = c.train.batch_size
+    while rows < 2**16 and need(rows * 2) <= limit:
+      rows *= 2
+    report["largest_batch_size"] = rows if report["bytes_per_device"] <= limit else 0
+  return report
+
+
+def _step_bytes(compiled: steps.CompiledSteps, abstract_state: Any, mesh: Any, rows: int, c: Any) -> int:
+  shape = (c.train.grad_accum, rows // c.train.grad_accum, c.data.seq_len)
+  batch_sh = steps.train_batch_sharding(mesh)
+  batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "weights" else jnp.int32, sharding=batch_sh)
+           for k in steps.BATCH_KEYS}
+  m = compiled.train.lower(abstract_state, batch).compile().memory_analysis()
+  # Donated state buffers are reused for the outputs (alias), so they count once.
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
 def prepare_data(c: Any, tokenizer: Any) -> loader.Prepared:

@@ -130,3 +130,13 @@ def test_skip_nonfinite_skips_bad_updates_and_counts_them(inputs, tmp_path):
   from tests.test_train import _final_params
   params = _final_params(tmp_path, c.train.steps)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_dry_run_reports_per_device_memory_that_grows_with_the_batch(inputs):
+  small = train.dry_run(_config(inputs, train__batch_size=8))
+  large = train.dry_run(_config(inputs, train__batch_size=32))
+  from ift_jax.model import load
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
+      load.abstract_model(load.open_pretrained(inputs[0].as_posix()).cfg)[1]))
+  assert small["bytes_per_device"] > 3 * 4 * n_params / 8  # at least the weights + 2 Adam moments, sharded
+  assert large["bytes_per_device"] > small["bytes_per_device"]
