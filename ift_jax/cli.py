@@ -1,10 +1,12 @@
-"""`ift-jax train | eval | render`: flags → config → one call into the package. Short on purpose.
+"""`ift-jax train | eval | render | export | generate`: flags → config → one package call. Short on purpose.
 
     ift-jax train  [--config=configs/NAME.py] [--workdir=DIR] [--config.section.key=value ...]
     ift-jax eval   --workdir=DIR [--checkpoint=latest|best|STEP]
     ift-jax render [--config=...] [--split=train] [--num_examples=3]
     ift-jax export --workdir=DIR [--checkpoint=latest|best|STEP] --out=HF_DIR [--dtype=bfloat16|float32]
     ift-jax export --model=PATH --out=HF_DIR   # convert a model (a .gguf file, say) without training
+    ift-jax generate --model=PATH | --workdir=DIR [--checkpoint=...] --prompt=TEXT ... | --prompts_file=FILE
+        [--max_new_tokens=64] [--temperature=0] [--top_p=1] [--seed=0] [--stop=TEXT ...]  # JSON lines out
 """
 
 from __future__ import annotations
@@ -28,14 +30,21 @@ _NUM = flags.DEFINE_integer("num_examples", 3, "render: how many examples to sho
 _OUT = flags.DEFINE_string("out", "", "export: the Hugging Face folder to write (new or empty).")
 _DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "bfloat16", "float32", "float16"],
                            "export: weight dtype; auto = the source model's (float32 for GGUF).")
-_MODEL = flags.DEFINE_string("model", "", "export: convert this model.path instead of a workdir checkpoint.")
+_MODEL = flags.DEFINE_string("model", "", "export, generate: use this model.path instead of a workdir checkpoint.")
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "generate: a prompt (repeatable).")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", "", "generate: a text file of prompts, one a line.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "generate: the most tokens generated per prompt.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "generate: 0 = greedy; otherwise sample at this temperature.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "generate: sample from the smallest token set with this much mass.")
+_SEED = flags.DEFINE_integer("seed", 0, "generate: the sampling seed.")
+_STOP = flags.DEFINE_multi_string("stop", [], "generate: cut a completion at this string (repeatable).")
 # Multi-host: named like jax.distributed.initialize's arguments; leave unset on one host or on Cloud TPU.
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, reachable by all.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (one per host).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes-1.")
 _INIT_TIMEOUT = flags.DEFINE_integer("initialization_timeout", 300, "Seconds to wait for all processes to join.")
 
-COMMANDS = ("train", "eval", "render", "export")
+COMMANDS = ("train", "eval", "render", "export", "generate")
 
 
 def _main(argv: list[str]) -> int:
@@ -58,6 +67,8 @@ def _main(argv: list[str]) -> int:
       from ift_jax import export
       export.export(_OUT.value, dtype=_DTYPE.value, model=_MODEL.value, workdir=_WORKDIR.value,
                     checkpoint=_CHECKPOINT.value)
+    elif argv[1] == "generate":
+      _generate()
     else:
       print(train.render(_CONFIG.value, split=_SPLIT.value, num_examples=_NUM.value))
   except UserError as e:
@@ -67,6 +78,17 @@ def _main(argv: list[str]) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 3
   return 0
+
+
+def _generate() -> None:
+  import json
+  from ift_jax import generate
+  prompts = generate.read_prompts(_PROMPT.value, _PROMPTS_FILE.value)
+  for line in generate.generate_cli(
+      prompts, model=_MODEL.value, workdir=_WORKDIR.value, checkpoint=_CHECKPOINT.value,
+      max_new_tokens=_MAX_NEW.value, sampling=generate.Sampling(_TEMPERATURE.value, _TOP_P.value),
+      seed=_SEED.value, stop=_STOP.value):
+    print(json.dumps(line))
 
 
 def main() -> None:

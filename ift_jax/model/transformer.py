@@ -3,7 +3,8 @@
 Layers are stored stacked along a leading `layers` axis and run under `jax.lax.scan`, so a 30-layer model
 compiles as fast as a one-layer model. Per-layer differences (Gemma 3's sliding-window vs global layers, each
 with its own RoPE base) are a boolean scan input, not separate code paths. Parameters carry logical axis names
-only (`logical_axes` metadata); `ift_jax.sharding` maps them onto the mesh.
+only (`logical_axes` metadata); `ift_jax.sharding` maps them onto the mesh. `decode` is the same model over a
+K/V cache (stacked on the layers axis too) for generation; the training path `__call__` does not use it.
 
 Shape letters: B batch, L length (queries), S length (keys), D hidden, H query heads, K key/value heads,
 G query heads per key/value head, E head dim, F MLP hidden, V vocabulary, N layers.
@@ -81,10 +82,7 @@ class Transformer(nnx.Module):
     """Returns float32 logits_BxLxV. Tokens attend only to earlier tokens of the same segment (id > 0)."""
     cfg = self.cfg
     embed_VxD = self.embed[...]
-    x_BxLxD = embed_VxD.astype(compute_dtype)[tokens_BxL]
-    if cfg.scale_embeddings:  # Gemma: the scale is rounded to the compute dtype first, as in the reference
-      x_BxLxD = x_BxLxD * jnp.asarray(math.sqrt(cfg.hidden_size), compute_dtype)
-    x_BxLxD = sharding.constrain(x_BxLxD, ("batch", "length", "embed"))
+    x_BxLxD = self._embed(tokens_BxL, embed_VxD, compute_dtype)
     context = attention_context(positions_BxL, segment_ids_BxL, cfg)
     stacked = {name: p[...].astype(compute_dtype) for name, p in nnx.state(self.layers).items()}
     sliding_N = jnp.asarray(cfg.layer_is_sliding)
@@ -94,6 +92,44 @@ class Transformer(nnx.Module):
       return block(x, layer, cfg, *context.pick(sliding)), None
 
     x_BxLxD, _ = jax.lax.scan(_remat(body, remat), x_BxLxD, (stacked, sliding_N))
+    return self._logits(x_BxLxD, embed_VxD, compute_dtype)
+
+  def decode(self, tokens_BxL: jax.Array, positions_BxL: jax.Array, cache: dict[str, jax.Array],
+             start: jax.Array, *, compute_dtype: Any = jnp.float32, last_only: bool = False
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Runs L new tokens against a K/V cache and returns (float32 logits, the updated cache).
+
+    The tokens fill cache slots [start, start + L) of every row; a position of -1 marks a padding token, which
+    nothing attends to. A query attends to filled slots at positions up to its own (and, on sliding layers,
+    within the window), so one call serves both the prompt prefill and each single-token step.
+    With `last_only`, logits are computed for the last of the L tokens only (B, 1, V).
+    """
+    cfg = self.cfg
+    embed_VxD = self.embed[...]
+    x_BxLxD = self._embed(tokens_BxL, embed_VxD, compute_dtype)
+    key_positions_BxS = jax.lax.dynamic_update_slice_in_dim(cache["positions"], positions_BxL, start, axis=1)
+    context = cache_attention_context(positions_BxL, key_positions_BxS, cfg)
+    stacked = {name: p[...].astype(compute_dtype) for name, p in nnx.state(self.layers).items()}
+
+    def body(x, xs):
+      layer, sliding, k_BxSxKxE, v_BxSxKxE = xs
+      return cached_block(x, layer, cfg, k_BxSxKxE, v_BxSxKxE, start, *context.pick(sliding))
+
+    x_BxLxD, (k_NxBxSxKxE, v_NxBxSxKxE) = jax.lax.scan(
+        body, x_BxLxD, (stacked, jnp.asarray(cfg.layer_is_sliding), cache["k"], cache["v"]))
+    if last_only:
+      x_BxLxD = x_BxLxD[:, -1:]
+    new_cache = {"k": k_NxBxSxKxE, "v": v_NxBxSxKxE, "positions": key_positions_BxS}
+    return self._logits(x_BxLxD, embed_VxD, compute_dtype), new_cache
+
+  def _embed(self, tokens_BxL: jax.Array, embed_VxD: jax.Array, compute_dtype: Any) -> jax.Array:
+    x_BxLxD = embed_VxD.astype(compute_dtype)[tokens_BxL]
+    if self.cfg.scale_embeddings:  # Gemma: the scale is rounded to the compute dtype first, as in the reference
+      x_BxLxD = x_BxLxD * jnp.asarray(math.sqrt(self.cfg.hidden_size), compute_dtype)
+    return sharding.constrain(x_BxLxD, ("batch", "length", "embed"))
+
+  def _logits(self, x_BxLxD: jax.Array, embed_VxD: jax.Array, compute_dtype: Any) -> jax.Array:
+    cfg = self.cfg
     x_BxLxD = rms_norm(x_BxLxD, self.final_norm[...], cfg.rms_norm_eps, plus_one=cfg.norm_plus_one)
     head_DxV = embed_VxD.T if cfg.tie_word_embeddings else self.lm_head[...]
     logits_BxLxV = jnp.einsum("BLD,DV->BLV", x_BxLxD, head_DxV.astype(compute_dtype),
@@ -102,6 +138,53 @@ class Transformer(nnx.Module):
       logits_BxLxV = softcap(logits_BxLxV, cfg.final_softcap)
     return sharding.constrain(logits_BxLxV, ("batch", "length", "vocab"))
 
+
+CACHE_AXES = {"k": ("layers", "batch", "length", "kv_heads", "head_dim"),
+              "v": ("layers", "batch", "length", "kv_heads", "head_dim"),
+              "positions": ("batch", "length")}
+
+
+def empty_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any) -> dict[str, jax.Array]:
+  """A K/V cache of `length` slots per row, stacked on the layers axis; every slot empty (position -1)."""
+  shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+  cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+           "positions": jnp.full((batch, length), -1, jnp.int32)}
+  return {name: sharding.constrain(x, CACHE_AXES[name]) for name, x in cache.items()}
+
+
+def cached_block(x_BxLxD: jax.Array, layer: dict[str, jax.Array], cfg: ModelConfig, k_BxSxKxE: jax.Array,
+                 v_BxSxKxE: jax.Array, start: jax.Array, cos_BxLxE: jax.Array, sin_BxLxE: jax.Array,
+                 mask_Bx1x1xLxS: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  """`block` for new tokens whose keys and values are written into this layer's cache before attending."""
+  h_BxLxD = _norm(x_BxLxD, layer["attn_norm"], cfg)
+  q_BxLxHxE, k_new, v_new = project_qkv(h_BxLxD, layer, cfg, cos_BxLxE, sin_BxLxE)
+  axes = ("batch", "length", "kv_heads", "head_dim")
+  k_BxSxKxE = sharding.constrain(jax.lax.dynamic_update_slice_in_dim(
+      k_BxSxKxE, k_new.astype(k_BxSxKxE.dtype), start, axis=1), axes)
+  v_BxSxKxE = sharding.constrain(jax.lax.dynamic_update_slice_in_dim(
+      v_BxSxKxE, v_new.astype(v_BxSxKxE.dtype), start, axis=1), axes)
+  h_BxLxD = attend(q_BxLxHxE, k_BxSxKxE.astype(q_BxLxHxE.dtype), v_BxSxKxE.astype(q_BxLxHxE.dtype),
+                   mask_Bx1x1xLxS, layer, cfg)
+  return finish_block(x_BxLxD, h_BxLxD, layer, cfg), (k_BxSxKxE, v_BxSxKxE)
+
+
+def cache_attention_context(positions_BxL: jax.Array, key_positions_BxS: jax.Array, cfg: ModelConfig
+                            ) -> AttentionContext:
+  """`attention_context` for queries at positions_BxL over cache slots at key_positions_BxS (-1 = empty)."""
+  cos_BxLxE, sin_BxLxE = rope_tables(positions_BxL, rope_inv_freq(cfg.head_dim, cfg.rope_theta,
+                                                                  cfg.rope_scaling_dict))
+  # Rows hold one sequence each, so causality is by position; empty slots and padding queries see nothing.
+  distance_BxLxS = positions_BxL[:, :, None] - key_positions_BxS[:, None, :]
+  full_BxLxS = (key_positions_BxS[:, None, :] >= 0) & (positions_BxL[:, :, None] >= 0) & (distance_BxLxS >= 0)
+  full_mask = full_BxLxS[:, None, None]
+  if not any(cfg.layer_is_sliding):
+    return AttentionContext(cos_BxLxE, sin_BxLxE, full_mask, None)
+  local_mask = (full_BxLxS & (distance_BxLxS < cfg.sliding_window))[:, None, None]
+  if cfg.local_rope_theta is None:
+    local = (cos_BxLxE, sin_BxLxE, local_mask)
+  else:
+    local = (*rope_tables(positions_BxL, rope_inv_freq(cfg.head_dim, cfg.local_rope_theta, None)), local_mask)
+  return AttentionContext(cos_BxLxE, sin_BxLxE, full_mask, local)
 
 class AttentionContext(NamedTuple):
   """RoPE tables and masks of the global layers and, where the model has them, of the sliding-window layers."""
@@ -149,18 +232,28 @@ def _remat(fn, policy: str):
 def block(x_BxLxD: jax.Array, layer: dict[str, jax.Array], cfg: ModelConfig, cos_BxLxE: jax.Array,
           sin_BxLxE: jax.Array, mask_Bx1x1xLxS: jax.Array) -> jax.Array:
   """One pre-norm decoder block: x + attention(norm(x)), then + MLP(norm(x)); Gemma also norms each output."""
-  norm = functools.partial(rms_norm, eps=cfg.rms_norm_eps, plus_one=cfg.norm_plus_one)
-  h_BxLxD = attention(norm(x_BxLxD, layer["attn_norm"]), layer, cfg, cos_BxLxE, sin_BxLxE, mask_Bx1x1xLxS)
+  h_BxLxD = _norm(x_BxLxD, layer["attn_norm"], cfg)
+  h_BxLxD = attention(h_BxLxD, layer, cfg, cos_BxLxE, sin_BxLxE, mask_Bx1x1xLxS)
+  return finish_block(x_BxLxD, h_BxLxD, layer, cfg)
+
+
+def _norm(x: jax.Array, weight: jax.Array, cfg: ModelConfig) -> jax.Array:
+  return rms_norm(x, weight, cfg.rms_norm_eps, plus_one=cfg.norm_plus_one)
+
+
+def finish_block(x_BxLxD: jax.Array, h_BxLxD: jax.Array, layer: dict[str, jax.Array], cfg: ModelConfig
+                 ) -> jax.Array:
+  """The rest of a block once attention's output h is known: the residual add, then the MLP sub-layer."""
   if cfg.sandwich_norms:
-    h_BxLxD = norm(h_BxLxD, layer["attn_post_norm"])
+    h_BxLxD = _norm(h_BxLxD, layer["attn_post_norm"], cfg)
   x_BxLxD = x_BxLxD + h_BxLxD
-  h_BxLxD = norm(x_BxLxD, layer["mlp_norm"])
+  h_BxLxD = _norm(x_BxLxD, layer["mlp_norm"], cfg)
   gate_BxLxF = jnp.einsum("BLD,DF->BLF", h_BxLxD, layer["gate"])
   up_BxLxF = jnp.einsum("BLD,DF->BLF", h_BxLxD, layer["up"])
   mlp_BxLxF = sharding.constrain(_ACTIVATIONS[cfg.hidden_act](gate_BxLxF) * up_BxLxF, ("batch", "length", "mlp"))
   h_BxLxD = jnp.einsum("BLF,FD->BLD", mlp_BxLxF, layer["down"])
   if cfg.sandwich_norms:
-    h_BxLxD = norm(h_BxLxD, layer["mlp_post_norm"])
+    h_BxLxD = _norm(h_BxLxD, layer["mlp_post_norm"], cfg)
   return sharding.constrain(x_BxLxD + h_BxLxD, ("batch", "length", "embed"))
 
 
@@ -170,6 +263,13 @@ _ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu,
 def attention(x_BxLxD: jax.Array, layer: dict[str, jax.Array], cfg: ModelConfig, cos_BxLxE: jax.Array,
               sin_BxLxE: jax.Array, mask_Bx1x1xLxS: jax.Array) -> jax.Array:
   """Grouped-query attention with RoPE; softmax in float32."""
+  q_BxLxHxE, k_BxSxKxE, v_BxSxKxE = project_qkv(x_BxLxD, layer, cfg, cos_BxLxE, sin_BxLxE)
+  return attend(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, mask_Bx1x1xLxS, layer, cfg)
+
+
+def project_qkv(x_BxLxD: jax.Array, layer: dict[str, jax.Array], cfg: ModelConfig, cos_BxLxE: jax.Array,
+                sin_BxLxE: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Queries, keys and values of x, with biases, per-head norms and RoPE applied."""
   q_BxLxHxE = jnp.einsum("BLD,DHE->BLHE", x_BxLxD, layer["q"])
   k_BxSxKxE = jnp.einsum("BSD,DKE->BSKE", x_BxLxD, layer["k"])
   v_BxSxKxE = jnp.einsum("BSD,DKE->BSKE", x_BxLxD, layer["v"])
@@ -181,6 +281,12 @@ def attention(x_BxLxD: jax.Array, layer: dict[str, jax.Array], cfg: ModelConfig,
     k_BxSxKxE = rms_norm(k_BxSxKxE, layer["k_norm"], cfg.rms_norm_eps, plus_one=cfg.norm_plus_one)
   q_BxLxHxE = apply_rope(q_BxLxHxE, cos_BxLxE, sin_BxLxE)
   k_BxSxKxE = apply_rope(k_BxSxKxE, cos_BxLxE, sin_BxLxE)
+  return q_BxLxHxE, k_BxSxKxE, v_BxSxKxE
+
+
+def attend(q_BxLxHxE: jax.Array, k_BxSxKxE: jax.Array, v_BxSxKxE: jax.Array, mask_Bx1x1xLxS: jax.Array,
+           layer: dict[str, jax.Array], cfg: ModelConfig) -> jax.Array:
+  """Masked softmax attention of the queries over S keys (a sequence's own, or a cache's), then the output."""
   b, l, h, e = q_BxLxHxE.shape
   kv = cfg.num_kv_heads
   q_BxLxKxGxE = q_BxLxHxE.reshape(b, l, kv, h // kv, e)

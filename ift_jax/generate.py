@@ -1,0 +1,193 @@
+"""Batched generation with a K/V cache: greedy by default, or temperature / top-p sampling.
+
+    ift-jax generate --model=PATH --prompt="..." [--prompt="..."] [--max_new_tokens=64]
+    ift-jax generate --workdir=DIR [--checkpoint=latest|best|STEP] --prompts_file=FILE [--temperature=0.7]
+
+Shapes are static so that a batch never recompiles: prompts are left-padded to a length bucket (the next power
+of two, at least `min_bucket`), the batch is padded to `batch_size` rows, and the cache holds bucket +
+`max_new_tokens` slots. One jitted function per bucket prefills the prompt and then runs a `lax.while_loop` of
+single-token steps that ends when every row has produced EOS or `max_new_tokens` tokens. Stop strings are applied
+to the decoded text on the host. Activations, cache and logits are laid out by the logical axis rules of
+`ift_jax.sharding`, on the same mesh as training.
+
+Shape letters: B batch, P prompt (bucket) length, T new tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from ift_jax import sharding
+from ift_jax.errors import UserError
+from ift_jax.model.config import ModelConfig
+from ift_jax.model.transformer import empty_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """How the next token is chosen: temperature 0 is greedy (argmax); otherwise sample from the top-p nucleus."""
+
+  temperature: float = 0.0
+  top_p: float = 1.0
+
+  def validate(self) -> None:
+    if self.temperature < 0:
+      raise UserError(f"--temperature={self.temperature}: must be >= 0 (0 = greedy)")
+    if not 0 < self.top_p <= 1:
+      raise UserError(f"--top_p={self.top_p}: must be in (0, 1]")
+
+
+def bucket_length(n: int, minimum: int = 16) -> int:
+  """The padded prompt length: the next power of two >= n, at least `minimum` (few buckets, few compiles)."""
+  return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
+def left_pad(prompts: Sequence[Sequence[int]], rows: int, length: int, pad_id: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens_BxP, positions_BxP) with each prompt right-aligned; padding (and missing rows) has position -1.
+
+  Right-aligning puts every row's last prompt token in the same slot, so one slice gives all next-token logits
+  and all rows then advance in lockstep. E.g. prompts [5, 6, 7] and [8] at length 4, pad 0:
+  tokens [[0, 5, 6, 7], [0, 0, 0, 8]], positions [[-1, 0, 1, 2], [-1, -1, -1, 0]].
+  """
+  tokens_BxP = np.full((rows, length), pad_id, np.int32)
+  positions_BxP = np.full((rows, length), -1, np.int32)
+  for r, ids in enumerate(prompts):
+    if ids:
+      tokens_BxP[r, length - len(ids):] = ids
+      positions_BxP[r, length - len(ids):] = np.arange(len(ids))
+  return tokens_BxP, positions_BxP
+
+
+def choose(logits_BxV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
+  """The next token of each row: argmax, or a draw from the temperature-scaled top-p nucleus."""
+  if sampling.temperature == 0:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  logits_BxV = logits_BxV / sampling.temperature
+  if sampling.top_p < 1:
+    sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is below top_p.
+    keep_BxV = (jnp.cumsum(probs_BxV, axis=-1) - probs_BxV) < sampling.top_p
+    cutoff_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+    logits_BxV = jnp.where(logits_BxV >= cutoff_Bx1, logits_BxV, -jnp.inf)
+  return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
+
+
+class Generator:
+  """A model's parameters on a mesh plus one compiled decoding function per prompt-length bucket."""
+
+  def __init__(self, graphdef: nnx.GraphDef, params: Any, cfg: ModelConfig, mesh: Mesh, *, eos_ids: Sequence[int],
+               pad_id: int = 0, batch_size: int = 8, max_new_tokens: int = 64, sampling: Sampling = Sampling(),
+               compute_dtype: Any = jnp.float32, min_bucket: int = 16):
+    if max_new_tokens < 1:
+      raise UserError(f"--max_new_tokens={max_new_tokens}: must be at least 1")
+    sampling.validate()
+    self.graphdef, self.params, self.cfg, self.mesh = graphdef, params, cfg, mesh
+    self.eos_ids, self.pad_id, self.batch_size = tuple(eos_ids), pad_id, batch_size
+    self.max_new_tokens, self.sampling, self.compute_dtype = max_new_tokens, sampling, compute_dtype
+    self.min_bucket = min_bucket
+    self.traces = 0  # how many times the decoding function was traced (= compiled): one per bucket
+    self._decode = jax.jit(self._decode_batch)
+
+  def _decode_batch(self, params: Any, tokens_BxP: jax.Array, positions_BxP: jax.Array, key: jax.Array
+                    ) -> jax.Array:
+    """Prefill, then a while loop of single-token steps; returns new_BxT (pad after a row's EOS)."""
+    self.traces += 1  # runs at trace time only, so it counts compilations
+    model = nnx.merge(self.graphdef, nnx.State(params))
+    b, p = tokens_BxP.shape
+    t_max, eos_E = self.max_new_tokens, jnp.asarray(self.eos_ids, jnp.int32)
+    step = lambda tok_BxL, pos_BxL, cache, start: model.decode(
+        tok_BxL, pos_BxL, cache, start, compute_dtype=self.compute_dtype, last_only=True)
+    cache = empty_cache(self.cfg, b, p + t_max, self.compute_dtype)
+    logits_Bx1xV, cache = step(tokens_BxP, positions_BxP, cache, 0)
+    key, draw = jax.random.split(key)
+    token_B = choose(logits_Bx1xV[:, 0], draw, self.sampling)
+    new_BxT = jnp.full((b, t_max), self.pad_id, jnp.int32).at[:, 0].set(token_B)
+    done_B = jnp.isin(token_B, eos_E) | (positions_BxP[:, -1] < 0)  # rows added to fill the batch are done
+
+    def body(state):
+      t, token_B, position_B, cache, new_BxT, done_B, key = state
+      logits_Bx1xV, cache = step(token_B[:, None], position_B[:, None], cache, p + t - 1)
+      key, draw = jax.random.split(key)
+      token_B = jnp.where(done_B, self.pad_id, choose(logits_Bx1xV[:, 0], draw, self.sampling))
+      new_BxT = jax.lax.dynamic_update_slice_in_dim(new_BxT, token_B[:, None], t, axis=1)
+      return t + 1, token_B, position_B + 1, cache, new_BxT, done_B | jnp.isin(token_B, eos_E), key
+
+    state = (jnp.int32(1), token_B, positions_BxP[:, -1] + 1, cache, new_BxT, done_B, key)
+    state = jax.lax.while_loop(lambda s: (s[0] < t_max) & ~jnp.all(s[5]), body, state)
+    return sharding.constrain(state[4], ("batch", "length"))
+
+  def generate_ids(self, prompts: Sequence[Sequence[int]], *, seed: int = 0) -> list[list[int]]:
+    """New token ids of each prompt, up to (not including) the first EOS."""
+    if any(not ids for ids in prompts):
+      raise UserError("generate: every prompt must have at least one token; drop the empty prompts")
+    out: list[list[int]] = []
+    key = jax.random.key(seed)
+    for first in range(0, len(prompts), self.batch_size):
+      chunk = prompts[first:first + self.batch_size]
+      length = bucket_length(max(len(ids) for ids in chunk), self.min_bucket)
+      tokens_BxP, positions_BxP = left_pad(chunk, self.batch_size, length, self.pad_id)
+      place = lambda x: jax.device_put(x, sharding.named_sharding(self.mesh, ("batch", "length"), x.shape))
+      with sharding.use_mesh(self.mesh):
+        new_BxT = self._decode(self.params, place(tokens_BxP), place(positions_BxP), jax.random.fold_in(key, first))
+      out.extend(_until_eos(row, self.eos_ids) for row in np.asarray(new_BxT)[:len(chunk)])
+    return out
+
+
+def _until_eos(row: np.ndarray, eos_ids: Sequence[int]) -> list[int]:
+  ids = row.tolist()
+  stops = [i for i, t in enumerate(ids) if t in eos_ids]
+  return ids[:stops[0]] if stops else ids
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+  """The text before the first occurrence of any stop string."""
+  cuts = [text.index(s) for s in stop if s and s in text]
+  return text[:min(cuts)] if cuts else text
+
+
+def read_prompts(prompts: Sequence[str], prompts_file: str) -> list[str]:
+  """The --prompt flags, then the non-empty lines of --prompts_file."""
+  out = list(prompts)
+  if prompts_file:
+    path = pathlib.Path(prompts_file)
+    if not path.is_file():
+      raise UserError(f"--prompts_file={prompts_file!r}: file not found; give a text file, one prompt a line")
+    out += [line for line in path.read_text().splitlines() if line.strip()]
+  if not out:
+    raise UserError("generate: no prompts; pass --prompt=TEXT (repeatable) or --prompts_file=FILE")
+  return out
+
+
+def generate_cli(prompts: Sequence[str], *, model: str = "", workdir: str = "", checkpoint: str = "latest",
+                 max_new_tokens: int = 64, sampling: Sampling = Sampling(), seed: int = 0,
+                 stop: Sequence[str] = ()) -> list[dict[str, str]]:
+  """`ift-jax generate`: completions of the prompts by a model path or a workdir checkpoint."""
+  from ift_jax import export
+  from ift_jax.model import load
+  mesh = sharding.make_mesh(data=1, fsdp=-1, tensor=1)  # weights split on fsdp, prompts over the same devices
+  if model:
+    pretrained = load.open_pretrained(model)
+    params = load.load_params(pretrained, mesh)
+  else:
+    pretrained, params, _ = export._restore_checkpoint_params(workdir, checkpoint, mesh)
+  tokenizer = pretrained.load_tokenizer()
+  eos_ids = {i for i in (pretrained.cfg.eos_token_id, tokenizer.eos_token_id) if i is not None}
+  graphdef, _, _ = load.abstract_model(pretrained.cfg)
+  rows = -(-min(len(prompts), 32) // mesh.size) * mesh.size  # a multiple of the devices, so rows shard evenly
+  generator = Generator(graphdef, params, pretrained.cfg, mesh, eos_ids=sorted(eos_ids),
+                        pad_id=tokenizer.pad_token_id or 0, batch_size=rows, max_new_tokens=max_new_tokens,
+                        sampling=sampling)
+  ids = generator.generate_ids([tokenizer(p).input_ids for p in prompts], seed=seed)
+  texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+  return [{"prompt": p, "completion": cut_at_stop(t, stop)} for p, t in zip(prompts, texts)]

@@ -1,0 +1,130 @@
+"""Generation with the K/V cache against the full forward pass and against transformers' `generate`."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from ift_jax import generate, sharding
+from ift_jax.model import load
+from ift_jax.model.transformer import empty_cache
+from tests import fixtures, hf_models
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PROMPTS = [[1, 5, 9, 14, 20, 33, 41], [1, 7], [1, 60, 3, 8, 12], [1, 90, 91, 92, 93, 94, 95, 96, 11, 4, 5]]
+
+
+def _generator(folder: pathlib.Path, mesh, **kwargs) -> generate.Generator:
+  pretrained = load.open_pretrained(str(folder))
+  graphdef, _, _ = load.abstract_model(pretrained.cfg)
+  params = load.load_params(pretrained, mesh)
+  return generate.Generator(graphdef, params, pretrained.cfg, mesh, **kwargs)
+
+
+def _hf_greedy(model, prompts: list[list[int]], max_new_tokens: int, eos: int = 2) -> list[list[int]]:
+  """transformers' greedy continuation of left-padded prompts, cut at EOS like ours."""
+  import torch
+  length = max(map(len, prompts))
+  ids = torch.tensor([[0] * (length - len(p)) + p for p in prompts])
+  mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts])
+  with torch.no_grad():
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=eos, pad_token_id=0, min_new_tokens=0)
+  return [generate._until_eos(row, (eos,)) for row in out[:, length:].numpy()]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+def test_greedy_tokens_equal_transformers_generate(family, tmp_path):
+  reference = hf_models.build(family, tmp_path)
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)  # 4 rows over 4 data-parallel shards
+  gen = _generator(tmp_path, mesh, eos_ids=(2,), batch_size=4, max_new_tokens=12, min_bucket=8)
+  # 11-token prompt in a bucket of 16 with 12 new tokens: far past Gemma's window of 5 in decoding
+  assert gen.generate_ids(PROMPTS) == _hf_greedy(reference, PROMPTS, 12)
+
+
+def test_generation_stops_at_eos_like_transformers(tmp_path):
+  """With a token the tiny llama does produce as EOS, rows stop at different steps, as in transformers."""
+  reference = hf_models.build("llama", tmp_path)
+  mesh = sharding.make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
+  gen = _generator(tmp_path, mesh, eos_ids=(93,), batch_size=4, max_new_tokens=12, min_bucket=8)
+  ours = gen.generate_ids(PROMPTS)
+  assert ours == _hf_greedy(reference, PROMPTS, 12, eos=93)
+  assert len(ours[0]) == 4 and len(ours[1]) == 12  # row 0 ended early; row 1 never produced 93
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_cached_decoding_gives_the_full_forward_logits(family, tmp_path):
+  """Prefill 6 tokens (one row left-padded), then 4 one-token steps: each step's logits equal the forward's."""
+  hf_models.build(family, tmp_path)
+  pretrained = load.open_pretrained(str(tmp_path))
+  graphdef, _, _ = load.abstract_model(pretrained.cfg)
+  mesh = sharding.make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
+  params = load.load_params(pretrained, mesh)
+  tokens = np.random.default_rng(0).integers(3, 97, size=(2, 10)).astype(np.int32)
+  positions = np.broadcast_to(np.arange(10, dtype=np.int32), (2, 10)).copy()
+  positions[1, :2], tokens[1, :2] = -1, 0  # row 1: a 8-token sequence after 2 padding slots
+  positions[1, 2:] = np.arange(8)
+
+  @jax.jit
+  def both(params):
+    model = nnx.merge(graphdef, nnx.State(params))
+    segments = (positions >= 0).astype(np.int32)
+    full = model(tokens, np.maximum(positions, 0), segments)
+    cache = empty_cache(pretrained.cfg, 2, 12, np.float32)
+    first, cache = model.decode(tokens[:, :6], positions[:, :6], cache, 0)
+    steps = [first]
+    for i in range(6, 10):
+      logits, cache = model.decode(tokens[:, i:i + 1], positions[:, i:i + 1], cache, i)
+      steps.append(logits)
+    return full, jax.numpy.concatenate(steps, axis=1)
+
+  full, cached = map(np.asarray, both(params))
+  np.testing.assert_allclose(cached[0], full[0], atol=1e-4)
+  np.testing.assert_allclose(cached[1, 2:], full[1, 2:], atol=1e-4)  # padding queries are not compared
+
+
+def test_a_second_batch_in_the_same_bucket_does_not_recompile(tmp_path):
+  hf_models.build("llama", tmp_path)
+  mesh = sharding.make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
+  gen = _generator(tmp_path, mesh, eos_ids=(2,), batch_size=2, max_new_tokens=4, min_bucket=8)
+  gen.generate_ids([[1, 5, 9], [1, 7, 8, 9, 10]])
+  gen.generate_ids([[1, 4, 4, 4, 4, 4, 4], [1]])  # other lengths, same bucket of 8
+  assert gen.traces == 1
+  gen.generate_ids([[1] * 12])  # a longer prompt: the next bucket, compiled once
+  assert gen.traces == 2
+
+
+def test_sampling_is_seeded_and_top_p_near_zero_is_greedy(tmp_path):
+  hf_models.build("llama", tmp_path)
+  mesh = sharding.make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
+  greedy = _generator(tmp_path, mesh, eos_ids=(2,), batch_size=2, max_new_tokens=6).generate_ids(PROMPTS[:2])
+  nucleus = _generator(tmp_path, mesh, eos_ids=(2,), batch_size=2, max_new_tokens=6,
+                       sampling=generate.Sampling(temperature=1.0, top_p=1e-6))
+  assert nucleus.generate_ids(PROMPTS[:2], seed=3) == greedy
+  hot = _generator(tmp_path, mesh, eos_ids=(2,), batch_size=2, max_new_tokens=6,
+                   sampling=generate.Sampling(temperature=2.0))
+  first, again, other = (hot.generate_ids(PROMPTS[:2], seed=s) for s in (1, 1, 2))
+  assert first == again and first != other
+
+
+def test_cli_prints_one_completion_per_prompt(tmp_path):
+  fixtures.write_model(tmp_path / "model")
+  (tmp_path / "prompts.txt").write_text("the movie was\nI love\n")
+  proc = subprocess.run([sys.executable, "-c", "from ift_jax.cli import main; main()", "generate",
+                         f"--model={tmp_path / 'model'}", "--prompt=good movie",
+                         f"--prompts_file={tmp_path / 'prompts.txt'}", "--max_new_tokens=5"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = [json.loads(line) for line in proc.stdout.splitlines()]
+  assert [line["prompt"] for line in lines] == ["good movie", "the movie was", "I love"]
+  assert all(isinstance(line["completion"], str) for line in lines)
+  assert any(line["completion"] for line in lines)
