@@ -1,6 +1,6 @@
 """`ift-jax train | eval | render | export | generate`: flags → config → one package call. Short on purpose.
 
-    ift-jax train  [--config=configs/NAME.py] [--workdir=DIR] [--config.section.key=value ...]
+    ift-jax train  [--config=configs/NAME.py] [--workdir=DIR] [--config.section.key=value ...] [--dry_run]
     ift-jax eval   --workdir=DIR [--checkpoint=latest|best|STEP]
     ift-jax render [--config=...] [--split=train] [--num_examples=3]
     ift-jax export --workdir=DIR [--checkpoint=latest|best|STEP] --out=HF_DIR [--dtype=bfloat16|float32]
@@ -17,7 +17,7 @@ import pathlib
 import sys
 
 from absl import app, flags
-from ml_collections import config_dict, config_flags
+from ml_collections import config_flags
 
 from ift_jax.errors import UserError
 
@@ -27,6 +27,8 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Run directory: checkpoin
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "eval: latest, best or a step number.")
 _SPLIT = flags.DEFINE_enum("split", "train", ["train", "validation", "test"], "render: which split.")
 _NUM = flags.DEFINE_integer("num_examples", 3, "render: how many examples to show.")
+_DRY_RUN = flags.DEFINE_boolean("dry_run", False, "train: compile the step and print per-device memory (and the "
+                                "largest batch that fits where the device reports its capacity); no training.")
 _OUT = flags.DEFINE_string("out", "", "export: the Hugging Face folder to write (new or empty).")
 _DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "bfloat16", "float32", "float16"],
                            "export: weight dtype; auto = the source model's (float32 for GGUF).")
@@ -59,7 +61,10 @@ def _main(argv: list[str]) -> int:
     from ift_jax import distributed
     distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                            process_id=_PROCESS_ID.value, timeout_s=_INIT_TIMEOUT.value)
-    if argv[1] == "train":
+    if argv[1] == "train" and _DRY_RUN.value:
+      import json
+      print(json.dumps(train.dry_run(_CONFIG.value)))
+    elif argv[1] == "train":
       train.train(_CONFIG.value, _WORKDIR.value)
     elif argv[1] == "eval":
       train.evaluate_checkpoint(_WORKDIR.value, _CHECKPOINT.value)
