@@ -73,6 +73,16 @@ class Checkpointer:
                      self.workdir, number, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
     raise UserError(f"{self.workdir}/checkpoints: no readable checkpoint; move the folder away to start over")
 
+  def restore_params(self, params_target: Any, *, step: int | str = "latest") -> tuple[Any, int]:
+    """Only the parameters of `step` (not the optimizer state), laid out as `params_target`; and the step."""
+    manager, number = self._resolve(step)
+    folder = pathlib.Path(manager.directory) / str(number) / "state"
+    item = {"params": params_target}
+    args = ocp.args.PyTreeRestore(item=item, partial_restore=True,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(item))
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
+      return reader.restore(folder, args=args)["params"], number
+
   def restore_config(self, *, step: int | str = "latest") -> dict[str, Any]:
     manager, number = self._resolve(step)
     restored = manager.restore(number, args=ocp.args.Composite(config=ocp.args.JsonRestore()))

@@ -220,25 +220,17 @@ def export(out: str, *, dtype: str = "auto", model: str = "", workdir: str = "",
 
 def _restore_checkpoint_params(workdir: str, which: str, mesh: Any) -> tuple[load.Pretrained, Any, str]:
   """The float32 parameters of a workdir checkpoint (not the optimizer state), laid out on `mesh`."""
-  import orbax.checkpoint as ocp
   from ift_jax import checkpoint as ckpt
   if not workdir or not pathlib.Path(workdir).is_dir():
     raise UserError(f"--workdir={workdir!r}: not a run directory; pass the --workdir of `ift-jax train` "
                     "(or --model=PATH to convert a model without training)")
-  checkpointer = ckpt.Checkpointer(workdir, keep=1_000_000)
+  checkpointer = ckpt.Checkpointer(workdir, keep=1_000_000)  # read only: keep is never applied
   try:
     saved = checkpointer.restore_config(step=which)
-    step = checkpointer.best_step() if which == "best" else (
-        checkpointer.latest_step() if which == "latest" else int(which))
+    pretrained = load.open_pretrained(saved["model"]["path"])
+    _, shapes, _ = load.abstract_model(pretrained.cfg)
+    target = ckpt.abstract_like(shapes, load.param_shardings(mesh, pretrained.cfg))
+    params, step = checkpointer.restore_params(target, step=which)
   finally:
     checkpointer.close()
-  pretrained = load.open_pretrained(saved["model"]["path"])
-  _, shapes, _ = load.abstract_model(pretrained.cfg)
-  shardings = load.param_shardings(mesh, pretrained.cfg)
-  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
-  folder = pathlib.Path(workdir).absolute() / ("best" if which == "best" else "checkpoints") / str(step) / "state"
-  args = ocp.args.PyTreeRestore(item={"params": target}, partial_restore=True,
-                                restore_args=ocp.checkpoint_utils.construct_restore_args({"params": target}))
-  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
-    restored = reader.restore(folder, args=args)
-  return pretrained, restored["params"], f"{workdir} step {step}"
+  return pretrained, params, f"{workdir} step {step}"
