@@ -148,13 +148,18 @@ def _step_bytes(compiled: steps.CompiledSteps, abstract_state: Any, mesh: Any, r
   return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
+def holdout_templates(c: Any) -> list[str]:
+  """data.holdout_templates as a list (configs saved before the field existed have none)."""
+  return [t.strip() for t in c.data.get("holdout_templates", "").split(",") if t.strip()]
+
+
 def prepare_data(c: Any, tokenizer: Any) -> loader.Prepared:
   prepared = loader.prepare(
       tokenizer, source_specs=[s.strip() for s in c.data.source.split(",") if s.strip()],
       templates_spec=c.data.templates, seq_len=c.data.seq_len, chat=c.data.chat, seed=c.seed,
       validation_fraction=c.data.validation_fraction, test_fraction=c.data.test_fraction,
       skip_malformed=c.data.skip_malformed, max_train_examples=c.data.max_train_examples,
-      max_eval_examples=c.data.max_eval_examples,
+      max_eval_examples=c.data.max_eval_examples, holdout_templates=holdout_templates(c),
       plan=loader.ShardPlan(c.data.shards, jax.process_index(), jax.process_count()))
   for note in prepared.notes if jax.process_index() == 0 else ():  # counts are global; print them once
     _log.info("%s", note)

@@ -140,3 +140,17 @@ def test_dry_run_reports_per_device_memory_that_grows_with_the_batch(inputs):
       load.abstract_model(load.open_pretrained(inputs[0].as_posix()).cfg)[1]))
   assert small["bytes_per_device"] > 3 * 4 * n_params / 8  # at least the weights + 2 Adam moments, sharded
   assert large["bytes_per_device"] > small["bytes_per_device"]
+
+
+def test_held_out_templates_are_evaluated_but_never_trained_on(inputs):
+  c = _config(inputs, data__holdout_templates="reviews/rating")
+  tokenizer = train.load.open_pretrained(c.model.path).load_tokenizer()
+  prepared = train.prepare_data(c, tokenizer)
+  templates_in = lambda split: {e.template for e in prepared.examples(split)}
+  assert templates_in("train") == {"reviews/sentiment"}
+  assert templates_in("test") == templates_in("validation") == {"reviews/rating", "reviews/sentiment"}
+  assert "  held out of training: reviews/rating" in prepared.notes
+  c.data.holdout_templates = "reviews/ratings"
+  with pytest.raises(UserError, match="data.holdout_templates: 'reviews/ratings' is not a template of the data; "
+                                      "use source/template names from reviews/rating, reviews/sentiment"):
+    train.prepare_data(c, tokenizer)

@@ -1,5 +1,6 @@
 """Tests for ift_jax.data.templates: YAML loading, sandboxed rendering, error messages."""
 
+import re
 import textwrap
 
 import pytest
@@ -21,12 +22,18 @@ def test_builtin_catalog_golden():
   catalog = templates.load_templates("")
   assert catalog == templates.load_templates("catalog")
   assert {s: sorted(g) for s, g in catalog.items()} == {
-      "amazon_reviews": ["rating_from_review", "review_from_rating"],
-      "rotten_tomatoes": ["sentiment"], "imdb": ["sentiment"]}
+      "amazon_reviews": ["rating_from_review", "review_from_rating", "stars_question"],
+      "rotten_tomatoes": ["sentiment"], "imdb": ["sentiment"], "boolq": ["answer_question"],
+      "xsum": ["summarize"]}
   rating = catalog["amazon_reviews"]["rating_from_review"]
   assert rating.render(REVIEW) == (
       "Predict the associated rating from the following review:\nGreat sound.\nRating (1-5):", " 5")
-  assert rating.answer_choices == (" 1", " 2", " 3", " 4", " 5") and rating.metrics == ("accuracy",)
+  assert rating.answer_choices == (" 1", " 2", " 3", " 4", " 5") and rating.metrics == (
+      "exact_match", "rank_accuracy", "mae", "confusion")
+  assert rating.stop == ("\n",) and catalog["xsum"]["summarize"].task_metrics == ("rouge",)
+  assert catalog["boolq"]["answer_question"].render(
+      {"question": "is it?", "passage": "It is.", "answer": "yes"}) == (
+          "It is.\nQuestion: is it?\nAnswer yes or no:", " yes")
   assert rating.prompt_fields == {"text"}
   assert catalog["amazon_reviews"]["review_from_rating"].render(REVIEW) == (
       "Write a one-sentence product review with a rating of 5 out of 5:\n", "Great sound.")
@@ -147,3 +154,30 @@ def test_malformed_entries(tmp_path, body, message):
 def test_missing_template_file_lists_builtins(tmp_path):
   with pytest.raises(UserError, match=r"template file .* not found.*\(catalog\)"):
     templates.load_templates(str(tmp_path / "nope.yaml"))
+
+
+@pytest.mark.parametrize("spec,message", [
+    ('metrics: [accuracy]', "unknown metric 'accuracy'; use any of exact_match"),
+    ('metrics: [rank_accuracy]', "metric 'rank_accuracy' needs answer_choices"),
+    ('answer_choices: [" a", " b"]\n          metrics: [mae]', "metric 'mae' needs numeric answer_choices"),
+    ('stop: "x"', "'stop' must be a list of non-empty strings")])
+def test_task_metadata_errors_name_file_and_line(tmp_path, spec, message):
+  path = _write(tmp_path, f"""\
+      src:
+        t:
+          prompt: "P {{{{ x }}}}"
+          completion: " {{{{ y }}}}"
+          {spec}
+      """)
+  with pytest.raises(UserError, match=f"{path}:3: template src/t: " + re.escape(message)):
+    templates.load_templates(str(path))
+
+
+def test_task_metric_defaults_and_empty_stop(tmp_path):
+  path = _write(tmp_path, """\
+      free: {prompt: "P", completion: " c", stop: []}
+      pick: {prompt: "P", completion: " a", answer_choices: [" a", " b"]}
+      """)
+  loaded = templates.load_templates(str(path))["*"]
+  assert loaded["free"].task_metrics == ("exact_match",) and loaded["free"].stop == ()
+  assert loaded["pick"].task_metrics == ("exact_match", "rank_accuracy") and loaded["pick"].stop == ("\n",)

@@ -18,6 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.source = "amazon_reviews,rotten_tomatoes"  # comma-separated: catalog names, files, folders, hf:NAME
   c.data.templates = ""  # YAML file of templates; "" = the built-in templates of the catalog datasets
+  c.data.holdout_templates = ""  # comma-separated source/template names kept out of training, evaluated only
   c.data.seq_len = 128  # tokens per row (static shape)
   c.data.packing = True  # several examples per row, kept apart by segment ids; False = one example per row
   c.data.chat = False  # wrap each prompt in the tokenizer's chat template as a user turn

@@ -57,8 +57,13 @@ class Prepared:
 
 def prepare(tokenizer: Any, *, source_specs: Sequence[str], templates_spec: str, seq_len: int, chat: bool,
             seed: int, validation_fraction: float, test_fraction: float, skip_malformed: bool,
-            max_train_examples: int, max_eval_examples: int, plan: ShardPlan) -> Prepared:
-  """Loads every source, applies its templates, tokenizes this process's shards of each split, with caps."""
+            max_train_examples: int, max_eval_examples: int, plan: ShardPlan,
+            holdout_templates: Sequence[str] = ()) -> Prepared:
+  """Loads every source, applies its templates, tokenizes this process's shards of each split, with caps.
+
+  `holdout_templates` ("source/template") are left out of the train split only: validation and test keep
+  them, so evaluation shows whether the model learned the task or only the wording of its training prompts.
+  """
   all_templates = templates.load_templates(templates_spec)
   caps = {"train": max_train_examples, "validation": max_eval_examples, "test": max_eval_examples}
   splits: dict[str, dict[int, list[tokenize.Example]]] = {s: {k: [] for k in plan.mine} for s in SPLITS}
@@ -71,11 +76,19 @@ def prepare(tokenizer: Any, *, source_specs: Sequence[str], templates_spec: str,
     names += [f"{src.name}/{t}" for t in sorted(chosen)]
     sizes = ", ".join(f"{s} {len(src.splits[s])}" for s in SPLITS)
     notes.append(f"source {src.name}: {sizes} records; {src.skipped} skipped; templates {sorted(chosen)}")
+    held = {n for n in chosen if f"{src.name}/{n}" in holdout_templates}
+    if held:
+      notes.append(f"  held out of training: {', '.join(f'{src.name}/{n}' for n in sorted(held))}")
     for split in SPLITS:
-      stats, capped = _tokenize_shards(tokenizer, chosen, src, split, splits[split], offsets[split],
+      used = {n: t for n, t in chosen.items() if split != "train" or n not in held}
+      stats, capped = _tokenize_shards(tokenizer, used, src, split, splits[split], offsets[split],
                                        cap=caps[split], seed=seed, plan=plan, seq_len=seq_len, chat=chat)
-      offsets[split] += len(src.splits[split]) * len(chosen)
+      offsets[split] += len(src.splits[split]) * len(used)
       notes.append(f"  {split}: {stats}{capped}")
+  unknown = sorted(set(holdout_templates) - set(names))
+  if unknown:
+    raise UserError(f"data.holdout_templates: {unknown[0]!r} is not a template of the data; use "
+                    f"source/template names from {', '.join(sorted(names))}")
   if not distributed.global_max(sum(len(v) for v in splits["train"].values())):
     raise UserError(f"data.source={','.join(source_specs)!r}: no training examples after templating; check "
                     "data.source and data.templates")

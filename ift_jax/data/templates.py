@@ -7,7 +7,8 @@ A template file is either grouped by source name,
         prompt: "Predict the associated rating from the following review:\\n{{ text }}\\nRating (1-5):"
         completion: " {{ rating }}"
         answer_choices: [" 1", " 2", " 3", " 4", " 5"]   # optional: rank classification
-        metrics: [accuracy]                                # optional
+        metrics: [exact_match, rank_accuracy, mae, confusion]   # optional; see METRICS
+        stop: ["\\n"]                                    # optional: generation ends at these strings
     "*":                                # applies to every source
       ...
 
@@ -35,7 +36,18 @@ from ift_jax.errors import UserError
 
 ALL_SOURCES = "*"
 BUILTIN_DEFAULT = "catalog"
-_SPEC_KEYS = ("prompt", "completion", "answer_choices", "metrics")
+_SPEC_KEYS = ("prompt", "completion", "answer_choices", "metrics", "stop")
+
+# Task metrics a template may ask for (ift_jax.task_eval computes them on generated or ranked answers).
+METRICS = {
+    "exact_match": "generated completion equals the reference after normalization (case, spaces, punctuation)",
+    "rank_accuracy": "the answer choice with the highest log-likelihood is the reference (needs answer_choices)",
+    "rouge": "ROUGE-1/2/L F1 of the generated completion against the reference (rouge-score package)",
+    "mae": "mean absolute error of the ranked choice read as a number (needs numeric answer_choices)",
+    "confusion": "confusion matrix of reference against ranked choice (needs answer_choices)",
+}
+_NEEDS_CHOICES = ("rank_accuracy", "mae", "confusion")
+DEFAULT_STOP = ("\n",)
 
 _ENV = jinja2.sandbox.ImmutableSandboxedEnvironment(
     undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
@@ -74,7 +86,9 @@ class Template:
     prompt: Jinja source of the prompt; every record field is a variable.
     completion: Jinja source of the completion the model learns to produce.
     answer_choices: the possible completions for rank classification, or None for free generation.
-    metrics: names of the evaluation metrics to report for this template.
+    metrics: names of the task metrics to report (keys of METRICS); () = exact_match, plus rank_accuracy
+      when the template has answer_choices.
+    stop: generation stops at the first of these strings (the completion never contains them).
     origin: the file the template came from (for error messages).
   """
   name: str
@@ -82,11 +96,19 @@ class Template:
   completion: str
   answer_choices: tuple[str, ...] | None = None
   metrics: tuple[str, ...] = ()
+  stop: tuple[str, ...] = DEFAULT_STOP
   origin: str = "<string>"
 
   def __post_init__(self):
     for field in ("prompt", "completion"):
       _check_syntax(getattr(self, field), origin=self.origin, label=f"template {self.name!r} {field}")
+
+  @property
+  def task_metrics(self) -> tuple[str, ...]:
+    """The metrics to compute: the declared ones, or the defaults."""
+    if self.metrics:
+      return self.metrics
+    return ("exact_match", "rank_accuracy") if self.answer_choices else ("exact_match",)
 
   @property
   def prompt_fields(self) -> frozenset[str]:
@@ -256,16 +278,35 @@ def _build(spec: Any, *, name: str, source: str, origin: str, nodes: Mapping[tup
       raise UserError(f"{where}: {field!r} must be a string; add it")
     _check_syntax(spec[field], origin=origin, label=f"template {source}/{name} {field}",
                   first_line=_first_content_line(nodes, key_path + (field,)))
-  return Template(name=name, prompt=spec["prompt"], completion=spec["completion"],
-                  answer_choices=_strings(spec, "answer_choices", where=where, optional=True),
-                  metrics=_strings(spec, "metrics", where=where, optional=False) or (),
-                  origin=origin)
+  choices = _strings(spec, "answer_choices", where=where, optional=True)
+  metrics = _strings(spec, "metrics", where=where, optional=False) or ()
+  for metric in metrics:
+    if metric not in METRICS:
+      raise UserError(f"{where}: unknown metric {metric!r}; use any of {', '.join(METRICS)}")
+    if metric in _NEEDS_CHOICES and not choices:
+      raise UserError(f"{where}: metric {metric!r} needs answer_choices; add them or drop the metric")
+  if "mae" in metrics and not all(_is_number(c) for c in choices):
+    raise UserError(f"{where}: metric 'mae' needs numeric answer_choices, got {list(choices)}; drop 'mae'")
+  stop = _strings(spec, "stop", where=where, optional=True, allow_empty=True)
+  return Template(name=name, prompt=spec["prompt"], completion=spec["completion"], answer_choices=choices,
+                  metrics=metrics, stop=DEFAULT_STOP if stop is None else stop, origin=origin)
 
 
-def _strings(spec: Mapping[str, Any], key: str, *, where: str, optional: bool) -> tuple[str, ...] | None:
+def _is_number(text: str) -> bool:
+  try:
+    float(text)
+    return True
+  except ValueError:
+    return False
+
+
+def _strings(spec: Mapping[str, Any], key: str, *, where: str, optional: bool,
+             allow_empty: bool = False) -> tuple[str, ...] | None:
   value = spec.get(key)
   if value is None:
     return None if optional else ()
-  if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-    raise UserError(f"{where}: {key!r} must be a non-empty list of strings; fix it")
+  ok = isinstance(value, list) and (value or allow_empty) and all(isinstance(v, str) and v for v in value)
+  if not ok:
+    raise UserError(f"{where}: {key!r} must be a {'' if allow_empty else 'non-empty '}list of non-empty "
+                    "strings; fix it")
   return tuple(value)
