@@ -1,4 +1,5 @@
 """The embedded default demo (what `ift-jax train` runs with no --config): SmolLM2-135M-Instruct on Amazon
-review ratings, review writing and Rotten Tomatoes sentiment."""
+review ratings and review writing, Rotten Tomatoes sentiment, BoolQ yes/no questions and XSum summaries, with
+one rating template held out of training."""
 
 from ift_jax.configs.default import get_config  # noqa: F401

@@ -8,6 +8,7 @@ def get_config():
   c.model.path = ""  # required: a tiny Hugging Face folder
   c.model.compute_dtype = "float32"
   c.data.seq_len = 64
+  c.data.holdout_templates = ""  # the default holds out a catalog template; tests bring their own data
   c.data.max_eval_examples = 8
   c.train.batch_size = 8
   c.train.steps = 6

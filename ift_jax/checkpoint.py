@@ -38,6 +38,15 @@ class Checkpointer:
     self._latest = _manager(self.workdir / "checkpoints", keep)
     self._best = _manager(self.workdir / "best", 1)
 
+  @classmethod
+  def open_read_only(cls, workdir: str | pathlib.Path) -> "Checkpointer":
+    """For eval, export and generate: a run directory's checkpoints, never pruned (nothing is saved)."""
+    path = pathlib.Path(workdir)
+    if not str(workdir) or not (path / "checkpoints").is_dir():
+      raise UserError(f"--workdir={str(workdir)!r}: not a run directory with checkpoints; pass the --workdir of "
+                      "`ift-jax train` (or --model=PATH to use a model without training)")
+    return cls(path, keep=1_000_000)
+
   def latest_step(self) -> int | None:
     return self._latest.latest_step()
 

@@ -1,7 +1,7 @@
 """`ift-jax train | eval | render | export | generate`: flags → config → one package call. Short on purpose.
 
     ift-jax train  [--config=configs/NAME.py] [--workdir=DIR] [--config.section.key=value ...] [--dry_run]
-    ift-jax eval   --workdir=DIR [--checkpoint=latest|best|STEP]
+    ift-jax eval   --workdir=DIR [--checkpoint=latest|best|STEP[,...]] [--k_shot=3] [--splits=validation,test]
     ift-jax render [--config=...] [--split=train] [--num_examples=3]
     ift-jax export --workdir=DIR [--checkpoint=latest|best|STEP] --out=HF_DIR [--dtype=bfloat16|float32]
     ift-jax export --model=PATH --out=HF_DIR   # convert a model (a .gguf file, say) without training
@@ -24,7 +24,11 @@ from ift_jax.errors import UserError
 _DEFAULT_CONFIG = str(pathlib.Path(__file__).parent / "configs" / "default.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file with get_config().")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Run directory: checkpoints, metrics, TensorBoard.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "eval: latest, best or a step number.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "eval, export, generate: latest, best or a step number "
+                                  "(eval: a comma-separated list compares several).")
+_K_SHOT = flags.DEFINE_integer("k_shot", None, "eval: solved train examples in the base model's few-shot prompt "
+                               "(default: the run config's eval.k_shot, 3; 0 = no few-shot row).")
+_SPLITS = flags.DEFINE_string("splits", None, "eval: comma-separated eval splits (default validation,test).")
 _SPLIT = flags.DEFINE_enum("split", "train", ["train", "validation", "test"], "render: which split.")
 _NUM = flags.DEFINE_integer("num_examples", 3, "render: how many examples to show.")
 _DRY_RUN = flags.DEFINE_boolean("dry_run", False, "train: compile the step and print per-device memory (and the "
@@ -35,7 +39,8 @@ _DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "bfloat16", "float32", "flo
 _MODEL = flags.DEFINE_string("model", "", "export, generate: use this model.path instead of a workdir checkpoint.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "generate: a prompt (repeatable).")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", "", "generate: a text file of prompts, one a line.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "generate: the most tokens generated per prompt.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "generate (and eval, for free-text templates): the most "
+                                "tokens generated per prompt.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "generate: 0 = greedy; otherwise sample at this temperature.")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "generate: sample from the smallest token set with this much mass.")
 _SEED = flags.DEFINE_integer("seed", 0, "generate: the sampling seed.")
@@ -67,7 +72,11 @@ def _main(argv: list[str]) -> int:
     elif argv[1] == "train":
       train.train(_CONFIG.value, _WORKDIR.value)
     elif argv[1] == "eval":
-      train.evaluate_checkpoint(_WORKDIR.value, _CHECKPOINT.value)
+      from ift_jax import task_eval
+      task_eval.evaluate_tasks(_WORKDIR.value, checkpoints=_CHECKPOINT.value, k_shot=_K_SHOT.value,
+                               splits=_SPLITS.value,
+                               max_new_tokens=_MAX_NEW.value if _MAX_NEW.present else None)
+      print(f"wrote {_WORKDIR.value}/eval/report.md, metrics.json, predictions.jsonl and charts")
     elif argv[1] == "export":
       from ift_jax import export
       export.export(_OUT.value, dtype=_DTYPE.value, model=_MODEL.value, workdir=_WORKDIR.value,

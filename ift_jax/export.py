@@ -221,10 +221,7 @@ def export(out: str, *, dtype: str = "auto", model: str = "", workdir: str = "",
 def _restore_checkpoint_params(workdir: str, which: str, mesh: Any) -> tuple[load.Pretrained, Any, str]:
   """The float32 parameters of a workdir checkpoint (not the optimizer state), laid out on `mesh`."""
   from ift_jax import checkpoint as ckpt
-  if not workdir or not pathlib.Path(workdir).is_dir():
-    raise UserError(f"--workdir={workdir!r}: not a run directory; pass the --workdir of `ift-jax train` "
-                    "(or --model=PATH to convert a model without training)")
-  checkpointer = ckpt.Checkpointer(workdir, keep=1_000_000)  # read only: keep is never applied
+  checkpointer = ckpt.Checkpointer.open_read_only(workdir)
   try:
     saved = checkpointer.restore_config(step=which)
     pretrained = load.open_pretrained(saved["model"]["path"])

@@ -16,7 +16,6 @@ Shape letters: B batch, P prompt (bucket) length, T new tokens, V vocabulary.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 from typing import Any, Sequence
 
@@ -24,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ift_jax import sharding
 from ift_jax.errors import UserError
@@ -97,11 +96,16 @@ class Generator:
     self.max_new_tokens, self.sampling, self.compute_dtype = max_new_tokens, sampling, compute_dtype
     self.min_bucket = min_bucket
     self.traces = 0  # how many times the decoding function was traced (= compiled): one per bucket
-    self._decode = jax.jit(self._decode_batch)
+    # Outputs are small (B×T ids, B×C scores) and replicated, so every process reads whole batches.
+    replicated = NamedSharding(mesh, P())
+    self._decode = jax.jit(self._decode_batch, out_shardings=replicated)
+    self._score_next = jax.jit(self._score_next_batch, out_shardings=replicated)
+    self._score_tokens = jax.jit(self._score_tokens_batch, out_shardings=replicated)
 
-  def _decode_batch(self, params: Any, tokens_BxP: jax.Array, positions_BxP: jax.Array, key: jax.Array
-                    ) -> jax.Array:
-    """Prefill, then a while loop of single-token steps; returns new_BxT (pad after a row's EOS)."""
+  def _decode_batch(self, params: Any, tokens_BxP: jax.Array, positions_BxP: jax.Array, key: jax.Array,
+                    candidates_BxC: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Prefill, then a while loop of single-token steps; returns new_BxT (pad after a row's EOS) and the
+    first step's log-probabilities of the candidate tokens, (B, C)."""
     self.traces += 1  # runs at trace time only, so it counts compilations
     model = nnx.merge(self.graphdef, nnx.State(params))
     b, p = tokens_BxP.shape
@@ -110,6 +114,8 @@ class Generator:
         tok_BxL, pos_BxL, cache, start, compute_dtype=self.compute_dtype, last_only=True)
     cache = empty_cache(self.cfg, b, p + t_max, self.compute_dtype)
     logits_Bx1xV, cache = step(tokens_BxP, positions_BxP, cache, 0)
+    first_BxC = jnp.take_along_axis(jax.nn.log_softmax(logits_Bx1xV[:, 0].astype(jnp.float32), axis=-1),
+                                    candidates_BxC, axis=-1)
     key, draw = jax.random.split(key)
     token_B = choose(logits_Bx1xV[:, 0], draw, self.sampling)
     new_BxT = jnp.full((b, t_max), self.pad_id, jnp.int32).at[:, 0].set(token_B)
@@ -125,23 +131,112 @@ class Generator:
 
     state = (jnp.int32(1), token_B, positions_BxP[:, -1] + 1, cache, new_BxT, done_B, key)
     state = jax.lax.while_loop(lambda s: (s[0] < t_max) & ~jnp.all(s[5]), body, state)
-    return sharding.constrain(state[4], ("batch", "length"))
+    return sharding.constrain(state[4], ("batch", "length")), first_BxC
 
-  def generate_ids(self, prompts: Sequence[Sequence[int]], *, seed: int = 0) -> list[list[int]]:
-    """New token ids of each prompt, up to (not including) the first EOS."""
+  def _score_next_batch(self, params: Any, tokens_BxP: jax.Array, positions_BxP: jax.Array,
+                        candidates_BxC: jax.Array) -> jax.Array:
+    """log p(candidate | prompt) for the token after each prompt: one prefill, no decoding loop."""
+    model = nnx.merge(self.graphdef, nnx.State(params))
+    cache = empty_cache(self.cfg, *tokens_BxP.shape, self.compute_dtype)
+    logits_Bx1xV, _ = model.decode(tokens_BxP, positions_BxP, cache, 0, compute_dtype=self.compute_dtype,
+                                   last_only=True)
+    logp_BxV = jax.nn.log_softmax(logits_Bx1xV[:, 0].astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp_BxV, candidates_BxC, axis=-1)
+
+  def _score_tokens_batch(self, params: Any, tokens_BxP: jax.Array, positions_BxP: jax.Array,
+                          targets_BxP: jax.Array, weights_BxP: jax.Array) -> jax.Array:
+    """Sum over a row of weights × log p(target | tokens so far): (B,)."""
+    model = nnx.merge(self.graphdef, nnx.State(params))
+    cache = empty_cache(self.cfg, *tokens_BxP.shape, self.compute_dtype)
+    logits_BxPxV, _ = model.decode(tokens_BxP, positions_BxP, cache, 0, compute_dtype=self.compute_dtype)
+    logp_BxPxV = jax.nn.log_softmax(logits_BxPxV.astype(jnp.float32), axis=-1)
+    logp_BxP = jnp.take_along_axis(logp_BxPxV, targets_BxP[..., None], axis=-1)[..., 0]
+    return jnp.sum(logp_BxP * weights_BxP, axis=-1)
+
+  def _batches(self, prompts: Sequence[Sequence[int]]):
+    """(first index, placed tokens_BxP, placed positions_BxP, rows used) per batch of prompts."""
     if any(not ids for ids in prompts):
       raise UserError("generate: every prompt must have at least one token; drop the empty prompts")
-    out: list[list[int]] = []
-    key = jax.random.key(seed)
     for first in range(0, len(prompts), self.batch_size):
       chunk = prompts[first:first + self.batch_size]
       length = bucket_length(max(len(ids) for ids in chunk), self.min_bucket)
       tokens_BxP, positions_BxP = left_pad(chunk, self.batch_size, length, self.pad_id)
-      place = lambda x: jax.device_put(x, sharding.named_sharding(self.mesh, ("batch", "length"), x.shape))
+      yield first, self._place(tokens_BxP), self._place(positions_BxP), len(chunk)
+
+  def _place(self, x: np.ndarray) -> jax.Array:
+    """A global array from a host array that every process holds whole (multi-process safe)."""
+    target = sharding.named_sharding(self.mesh, ("batch", "length"), x.shape)
+    return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
+
+  def generate_ids(self, prompts: Sequence[Sequence[int]], *, seed: int = 0) -> list[list[int]]:
+    """New token ids of each prompt, up to (not including) the first EOS."""
+    return self.generate(prompts, seed=seed)[0]
+
+  def generate(self, prompts: Sequence[Sequence[int]], *, seed: int = 0,
+               candidates: Sequence[Sequence[int]] | None = None) -> tuple[list[list[int]], np.ndarray]:
+    """(new ids of each prompt up to the first EOS, (N, C) log p of candidates[i] as the first new token).
+
+    The candidate scores come from the prefill that generation runs anyway: rank classification over
+    single-token answer choices costs nothing extra. Without candidates the scores are (N, 0).
+    """
+    candidates_NxC = np.asarray(candidates if candidates is not None else [[]] * len(prompts), np.int32)
+    candidates_NxC = candidates_NxC.reshape(len(prompts), -1)
+    ids: list[list[int]] = []
+    scores = []
+    key = jax.random.key(seed)
+    for first, tokens_BxP, positions_BxP, rows in self._batches(prompts):
       with sharding.use_mesh(self.mesh):
-        new_BxT = self._decode(self.params, place(tokens_BxP), place(positions_BxP), jax.random.fold_in(key, first))
-      out.extend(_until_eos(row, self.eos_ids) for row in np.asarray(new_BxT)[:len(chunk)])
-    return out
+        new_BxT, first_BxC = self._decode(self.params, tokens_BxP, positions_BxP, jax.random.fold_in(key, first),
+                                          self._candidates(candidates_NxC, first, rows))
+      ids.extend(_until_eos(row, self.eos_ids) for row in np.asarray(new_BxT.addressable_data(0))[:rows])
+      scores.append(np.asarray(first_BxC.addressable_data(0))[:rows])
+    return ids, np.concatenate(scores) if scores else candidates_NxC.astype(np.float32)
+
+  def _candidates(self, candidates_NxC: np.ndarray, first: int, rows: int) -> jax.Array:
+    """A batch's candidate ids, replicated (padding rows score token 0 and are dropped)."""
+    candidates_BxC = np.zeros((self.batch_size, candidates_NxC.shape[1]), np.int32)
+    candidates_BxC[:rows] = candidates_NxC[first:first + rows]
+    return jax.make_array_from_callback(candidates_BxC.shape, NamedSharding(self.mesh, P()),
+                                        lambda index: candidates_BxC[index])
+
+  def next_token_logprobs(self, prompts: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]]
+                          ) -> np.ndarray:
+    """(N, C) float32: log p(candidates[i][c] | prompts[i]); every candidate list has the same length C.
+
+    Rank classification over answer choices that differ only in their last token reads all choices off one
+    forward pass of prompt + common prefix; only N×C numbers come back to the host, never the logits.
+    """
+    candidates_NxC = np.asarray(candidates, np.int32)
+    out = []
+    for first, tokens_BxP, positions_BxP, rows in self._batches(prompts):
+      with sharding.use_mesh(self.mesh):
+        logp_BxC = self._score_next(self.params, tokens_BxP, positions_BxP,
+                                    self._candidates(candidates_NxC, first, rows))
+      out.append(np.asarray(logp_BxC.addressable_data(0))[:rows])
+    return np.concatenate(out) if out else np.zeros((0, candidates_NxC.shape[-1]), np.float32)
+
+  def continuation_logprobs(self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
+                            ) -> np.ndarray:
+    """(N,) float32: log p(continuations[i] | prompts[i]), summed over the continuation's tokens.
+
+    The general rank-classification score (any answer choices): one forward pass per (prompt, choice).
+    """
+    rows = [list(p) + list(c) for p, c in zip(prompts, continuations)]
+    out = []
+    for first, tokens_BxP, positions_BxP, used in self._batches(rows):
+      targets_BxP = np.zeros(tokens_BxP.shape, np.int32)
+      weights_BxP = np.zeros(tokens_BxP.shape, np.float32)
+      length = tokens_BxP.shape[1]
+      for r in range(used):
+        ids, n_new = rows[first + r], len(continuations[first + r])
+        # Right-aligned: token i sits in slot length - len(ids) + i and is predicted by the slot before it.
+        slots = np.arange(length - n_new - 1, length - 1)
+        targets_BxP[r, slots], weights_BxP[r, slots] = ids[-n_new:], 1.0
+      with sharding.use_mesh(self.mesh):
+        logp_B = self._score_tokens(self.params, tokens_BxP, positions_BxP, self._place(targets_BxP),
+                                    self._place(weights_BxP))
+      out.append(np.asarray(logp_B.addressable_data(0))[:used])
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
 def _until_eos(row: np.ndarray, eos_ids: Sequence[int]) -> list[int]:

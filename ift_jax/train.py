@@ -21,11 +21,11 @@ import numpy as np
 from ift_jax import checkpoint, distributed, evaluate, optim, sharding, steps
 from ift_jax.data import loader
 from ift_jax.errors import UserError
-from ift_jax.metrics_log import MetricsLog, format_metrics
+from ift_jax.metrics_log import MetricsLog
 from ift_jax.model import load
 
 _log = logging.getLogger(__name__)
-_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -52,8 +52,8 @@ class Session:
 
 def validate_config(c: Any) -> None:
   """Fails fast, naming the field and the fix."""
-  if c.model.compute_dtype not in _DTYPES:
-    raise UserError(f"model.compute_dtype={c.model.compute_dtype!r}: use one of {', '.join(_DTYPES)}")
+  if c.model.compute_dtype not in DTYPES:
+    raise UserError(f"model.compute_dtype={c.model.compute_dtype!r}: use one of {', '.join(DTYPES)}")
   if c.model.remat not in ("none", "full", "dots"):
     raise UserError(f"model.remat={c.model.remat!r}: use none, full or dots")
   if c.data.seq_len < 8:
@@ -109,7 +109,7 @@ def _compile(c: Any, mesh: Any, cfg: Any, *, total_steps: int, num_slots: int):
   optimizer = optim.make_optimizer(
       lr=o.lr, warmup_steps=o.warmup_steps, total_steps=total_steps, end_lr_ratio=o.end_lr_ratio,
       weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, clip_norm=o.clip_norm)
-  runner = steps.ModelRunner(graphdef, compute_dtype=_DTYPES[c.model.compute_dtype], remat=c.model.remat)
+  runner = steps.ModelRunner(graphdef, compute_dtype=DTYPES[c.model.compute_dtype], remat=c.model.remat)
   compiled = steps.jit_steps(runner, optimizer, schedule, mesh=mesh, abstract_params=abstract_params,
                              param_shardings=param_sh, num_slots=num_slots,
                              skip_nonfinite=c.train.skip_nonfinite)
@@ -153,9 +153,13 @@ def holdout_templates(c: Any) -> list[str]:
   return [t.strip() for t in c.data.get("holdout_templates", "").split(",") if t.strip()]
 
 
+def source_specs(c: Any) -> list[str]:
+  return [s.strip() for s in c.data.source.split(",") if s.strip()]
+
+
 def prepare_data(c: Any, tokenizer: Any) -> loader.Prepared:
   prepared = loader.prepare(
-      tokenizer, source_specs=[s.strip() for s in c.data.source.split(",") if s.strip()],
+      tokenizer, source_specs=source_specs(c),
       templates_spec=c.data.templates, seq_len=c.data.seq_len, chat=c.data.chat, seed=c.seed,
       validation_fraction=c.data.validation_fraction, test_fraction=c.data.test_fraction,
       skip_malformed=c.data.skip_malformed, max_train_examples=c.data.max_train_examples,
@@ -333,25 +337,6 @@ def _log_train(s: Session, log: MetricsLog, progress: Any, step: int, metrics: A
   progress.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{tokens_per_s:.0f}")
   if step % s.config.train.log_every == 0 or step == s.total_steps:
     log.write(step, {**{f"train/{k}": v for k, v in values.items()}, "train/tokens_per_s": tokens_per_s})
-
-
-def evaluate_checkpoint(workdir: str | pathlib.Path, which: str = "latest") -> dict[str, float]:
-  """Validation and test metrics of a workdir's checkpoint ("latest", "best" or a step), with its own config."""
-  from ml_collections import config_dict
-  saved = checkpoint.Checkpointer(workdir, keep=1_000_000).restore_config(step=which)
-  s = build_session(config_dict.ConfigDict(saved), workdir)
-  state, _, _ = s.checkpointer.restore(s.abstract_state, step=which)
-  step = int(state["step"])
-  log = MetricsLog(s.workdir)
-  metrics = {"step": step}
-  for split in ("validation", "test"):
-    metrics.update(run_eval(s, state["params"], split))
-    log.echo(f"[{split}, checkpoint {which} = step {step}] " + format_metrics(
-        {k: v for k, v in metrics.items() if k.startswith(split)}))
-  log.write_json(f"eval_metrics_step{step}.json", metrics)
-  s.checkpointer.close()
-  log.close()
-  return metrics
 
 
 def render(c: Any, *, split: str, num_examples: int) -> str:

@@ -65,9 +65,23 @@ def test_train_eval_render_on_a_2x2x2_mesh(inputs, tmp_path):
   assert test["step"] == 6 and {"test/loss", "test/token_accuracy", "test/exact_match"} <= set(test)
   assert any(k.startswith("test/reviews/sentiment/") for k in test)
   assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
-  _run(_cmd("eval", inputs, workdir, "--checkpoint=latest"))
-  evaluated = json.loads((workdir / "eval_metrics_step6.json").read_text())
-  assert evaluated["test/loss"] == pytest.approx(test["test/loss"], abs=1e-6)
+  _run(_cmd("eval", inputs, workdir, "--checkpoint=latest,best", "--k_shot=2"))
+  evaluated = json.loads((workdir / "eval" / "metrics.json").read_text())
+  assert evaluated["settings"] == ["base 0-shot", "base 2-shot", "fine-tuned latest", "fine-tuned best"]
+  assert evaluated["checkpoint_steps"]["latest"] == 6
+  sentiment = evaluated["splits"]["test"]["templates"]["reviews/sentiment"]
+  n = test["test/reviews/sentiment/examples"]  # the same examples training evaluated
+  assert all(r["examples"] == n for r in sentiment.values())
+  assert {"exact_match", "rank_accuracy"} <= set(sentiment["base 0-shot"])
+  assert sentiment["base 2-shot"]["shots"] == 2 and sentiment["base 0-shot"]["shots"] == 0
+  report = (workdir / "eval" / "report.md").read_text()
+  assert "| reviews/sentiment | rank_accuracy |" in report and "![training and validation loss]" in report
+  for chart in ("loss_curves.png", "tasks_test.png", "tasks_validation.png"):
+    assert (workdir / "eval" / chart).read_bytes()[:4] == b"\x89PNG"
+  predictions = (workdir / "eval" / "predictions.jsonl").read_text().splitlines()
+  examples = sum(by["base 0-shot"]["examples"] for split in evaluated["splits"].values()
+                 for by in split["templates"].values())
+  assert len(predictions) == 4 * examples > 0  # one line per example and setting
 
   rendered = _run(_cmd("render", inputs, workdir, "--num_examples=1")).stdout
   lines = [l.split(" | ") for l in rendered.splitlines() if " | " in l]

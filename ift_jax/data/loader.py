@@ -95,6 +95,37 @@ def prepare(tokenizer: Any, *, source_specs: Sequence[str], templates_spec: str,
   return Prepared(splits, notes, sorted(names))
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalSelection:
+  """One source's evaluated (record, template) pairs of a split: the same pairs `prepare` keeps."""
+
+  source: sources.Source
+  templates: dict[str, templates.Template]
+  pairs: list[tuple[int, str]]  # (record index in the split, template name), record-major
+
+
+def select_eval(source_specs: Sequence[str], *, templates_spec: str, split: str, seed: int,
+                validation_fraction: float, test_fraction: float, skip_malformed: bool,
+                cap: int) -> list[EvalSelection]:
+  """The (record, template) pairs of an eval split that `prepare` evaluates, per source, with every record.
+
+  `ift-jax eval` scores generations on exactly the examples whose teacher-forced metrics training logged.
+  """
+  if split == "train":
+    raise ValueError("select_eval picks validation or test pairs")
+  all_templates = templates.load_templates(templates_spec)
+  out, offset = [], 0
+  for spec in source_specs:
+    src = sources.load_source(spec, seed=seed, validation_fraction=validation_fraction,
+                              test_fraction=test_fraction, skip_malformed=skip_malformed)
+    chosen = templates.templates_for(all_templates, src.name)
+    names, records = sorted(chosen), src.splits[split]
+    keep = _capped(len(records), len(names), cap, per_template=True, seed=seed + offset)
+    out.append(EvalSelection(src, chosen, [(i // len(names), names[i % len(names)]) for i in keep]))
+    offset += len(records) * len(names)
+  return out
+
+
 def _tokenize_shards(tokenizer, chosen, src, split, shards, offset, *, cap, seed, plan, seq_len, chat):
   """Tokenizes the (record, template) pairs of `split` that fall in this process's shards and pass the cap."""
   records, names = src.splits[split], sorted(chosen)

@@ -89,24 +89,59 @@ def tokenize(tokenizer: Any, template: Template, record: Mapping[str, Any], *, s
     UserError: the completion renders empty, the tokenizer has no EOS, or (chat) no chat template.
   """
   name = f"{source}/{template.name}" if source else template.name
+  fitted = fit(tokenizer, template, record, seq_len=seq_len, chat=chat, name=name, record_index=record_index)
+  if fitted is None:
+    stats.add(name, dropped=1)
+    return None
+  stats.add(name, examples=1, truncated=int(fitted.truncated))
+  ids = np.asarray(fitted.prompt_ids + fitted.completion_ids, dtype=np.int32)
+  weights = np.concatenate([np.zeros(len(fitted.prompt_ids), np.float32),
+                            np.ones(len(fitted.completion_ids), np.float32)])
+  return Example(ids=ids, weights=weights, template=name, record_index=record_index)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fitted:
+  """A record rendered by a template and cut to fit, as text and as token ids.
+
+  Attributes:
+    prompt: the prompt text after any cut (before the chat template).
+    completion: the completion text (never cut).
+    prompt_ids: the prompt's ids (chat-wrapped when chat is on; the tokenizer's default special tokens).
+    completion_ids: the completion's ids followed by EOS.
+    truncated: whether a field of the prompt was cut.
+  """
+  prompt: str
+  completion: str
+  prompt_ids: list[int]
+  completion_ids: list[int]
+  truncated: bool
+
+
+def fit(tokenizer: Any, template: Template, record: Mapping[str, Any], *, seq_len: int, chat: bool,
+        name: str = "", record_index: int = 0) -> Fitted | None:
+  """Renders a record and cuts its prompt so that prompt + completion + EOS fit seq_len + 1 tokens.
+
+  Returns None when it cannot fit (see the module docstring). Training and `ift-jax eval` both use this, so
+  an evaluated prompt is exactly the prompt the model was trained on.
+
+  Raises:
+    UserError: the completion renders empty, or the tokenizer has no EOS / (chat) no chat template.
+  """
   prompt, completion = template.render(record)
   if not completion.strip():
-    raise UserError(f"template {name} ({template.origin}) renders an empty completion for record "
-                    f"{record_index}; fix the record or the template's completion")
+    raise UserError(f"template {name or template.name} ({template.origin}) renders an empty completion for "
+                    f"record {record_index}; fix the record or the template's completion")
   completion_ids = _encode(tokenizer, completion) + [_eos_id(tokenizer)]
   prompt_ids = _prompt_ids(tokenizer, prompt, chat=chat)
   budget = seq_len + 1 - len(completion_ids)  # tokens left for the prompt
   truncated = len(prompt_ids) > budget
   if truncated:
-    prompt_ids = _truncate(tokenizer, template, record, budget=budget, excess=len(prompt_ids) - budget,
-                           chat=chat)
-  if prompt_ids is None:
-    stats.add(name, dropped=1)
-    return None
-  stats.add(name, examples=1, truncated=int(truncated))
-  ids = np.asarray(prompt_ids + completion_ids, dtype=np.int32)
-  weights = np.concatenate([np.zeros(len(prompt_ids), np.float32), np.ones(len(completion_ids), np.float32)])
-  return Example(ids=ids, weights=weights, template=name, record_index=record_index)
+    cut = _truncate(tokenizer, template, record, budget=budget, excess=len(prompt_ids) - budget, chat=chat)
+    if cut is None:
+      return None
+    prompt, prompt_ids = cut
+  return Fitted(prompt, completion, prompt_ids, completion_ids, truncated)
 
 
 def tokenize_split(tokenizer: Any, templates: Mapping[str, Template], records: Sequence[Mapping[str, Any]],
@@ -150,12 +185,12 @@ def _prompt_ids(tokenizer: Any, prompt: str, *, chat: bool) -> list[int]:
 
 
 def _truncate(tokenizer: Any, template: Template, record: Mapping[str, Any], *, budget: int, excess: int,
-              chat: bool) -> list[int] | None:
+              chat: bool) -> tuple[str, list[int]] | None:
   """Cuts the prompt's longest string field (by tokens, keeping the head) until the prompt fits `budget`.
 
   Re-renders and re-tokenizes after each cut, because tokens can merge across the cut and the prompt's
-  own text can tokenize differently in context. Returns None if the field would have to vanish: a
-  review cut to nothing teaches nothing.
+  own text can tokenize differently in context. Returns (prompt, prompt_ids), or None if the field would
+  have to vanish: a review cut to nothing teaches nothing.
   """
   candidates = sorted(f for f in template.prompt_fields if isinstance(record.get(f), str))
   if not candidates or budget <= 0:
@@ -172,7 +207,7 @@ def _truncate(tokenizer: Any, template: Template, record: Mapping[str, Any], *, 
     prompt_ids = _prompt_ids(tokenizer, prompt, chat=chat)
     excess = len(prompt_ids) - budget
     if excess <= 0:
-      return prompt_ids
+      return prompt, prompt_ids
 
 
 def _heads(tokenizer: Any, text: str) -> tuple[int, Callable[[int], str]]:
