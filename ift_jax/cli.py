@@ -6,7 +6,7 @@
     ift-jax export --workdir=DIR [--checkpoint=latest|best|STEP] --out=HF_DIR [--dtype=bfloat16|float32]
     ift-jax export --model=PATH --out=HF_DIR   # convert a model (a .gguf file, say) without training
     ift-jax generate --model=PATH | --workdir=DIR [--checkpoint=...] --prompt=TEXT ... | --prompts_file=FILE
-        [--max_new_tokens=64] [--temperature=0] [--top_p=1] [--seed=0] [--stop=TEXT ...]  # JSON lines out
+        [--template=SOURCE/NAME] [--max_new_tokens=64] [--temperature=0] [--top_p=1] [--seed=0] [--stop=TEXT ...]
 """
 
 from __future__ import annotations
@@ -45,6 +45,10 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "generate: 0 = greedy; oth
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "generate: sample from the smallest token set with this much mass.")
 _SEED = flags.DEFINE_integer("seed", 0, "generate: the sampling seed.")
 _STOP = flags.DEFINE_multi_string("stop", [], "generate: cut a completion at this string (repeatable).")
+_TEMPLATE = flags.DEFINE_string("template", "", "generate: render prompts through this template's prompt: "
+                                "source/name from the catalog or FILE.yaml:source/name; --prompts_file is then "
+                                "JSON lines of records, and each --prompt fills a one-field template. Its stop "
+                                "strings apply.")
 # Multi-host: named like jax.distributed.initialize's arguments; leave unset on one host or on Cloud TPU.
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, reachable by all.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (one per host).")
@@ -97,11 +101,15 @@ def _main(argv: list[str]) -> int:
 def _generate() -> None:
   import json
   from ift_jax import generate
-  prompts = generate.read_prompts(_PROMPT.value, _PROMPTS_FILE.value)
+  prompts = generate.read_prompts(_PROMPT.value, _PROMPTS_FILE.value, _TEMPLATE.value)
+  stop = list(_STOP.value)
+  if _TEMPLATE.value:
+    from ift_jax.data import templates
+    stop += templates.find_template(_TEMPLATE.value).stop
   for line in generate.generate_cli(
       prompts, model=_MODEL.value, workdir=_WORKDIR.value, checkpoint=_CHECKPOINT.value,
       max_new_tokens=_MAX_NEW.value, sampling=generate.Sampling(_TEMPERATURE.value, _TOP_P.value),
-      seed=_SEED.value, stop=_STOP.value):
+      seed=_SEED.value, stop=stop):
     print(json.dumps(line))
 
 

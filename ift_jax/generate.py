@@ -251,17 +251,50 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
   return text[:min(cuts)] if cuts else text
 
 
-def read_prompts(prompts: Sequence[str], prompts_file: str) -> list[str]:
-  """The --prompt flags, then the non-empty lines of --prompts_file."""
+def read_prompts(prompts: Sequence[str], prompts_file: str, template: str = "") -> list[str]:
+  """The --prompt flags, then the non-empty lines of --prompts_file.
+
+  With --template (e.g. amazon_reviews/rating_from_review), each line is a JSON record rendered through that
+  template's prompt, and each --prompt is taken as the template's single field (e.g. the review text).
+  """
+  if template:
+    return _templated(prompts, prompts_file, template)
   out = list(prompts)
   if prompts_file:
-    path = pathlib.Path(prompts_file)
-    if not path.is_file():
-      raise UserError(f"--prompts_file={prompts_file!r}: file not found; give a text file, one prompt a line")
-    out += [line for line in path.read_text().splitlines() if line.strip()]
+    out += [line for line in _lines(prompts_file, "a text file, one prompt a line")]
   if not out:
     raise UserError("generate: no prompts; pass --prompt=TEXT (repeatable) or --prompts_file=FILE")
   return out
+
+
+def _lines(path_text: str, expected: str) -> list[str]:
+  path = pathlib.Path(path_text)
+  if not path.is_file():
+    raise UserError(f"--prompts_file={path_text!r}: file not found; give {expected}")
+  return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _templated(prompts: Sequence[str], prompts_file: str, spec: str) -> list[str]:
+  import json  # pylint: disable=g-import-not-at-top
+  from ift_jax.data import templates  # pylint: disable=g-import-not-at-top
+  template = templates.find_template(spec)
+  records = []
+  fields = sorted(template.prompt_fields)
+  if prompts:
+    if len(fields) != 1:
+      raise UserError(f"--template={spec!r} reads fields {fields}: pass records with --prompts_file (JSON lines)")
+    records += [{fields[0]: p} for p in prompts]
+  for number, line in enumerate(_lines(prompts_file, "a JSON-lines file of records") if prompts_file else [], 1):
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise UserError(f"{prompts_file}:{number}: not a JSON record ({e.msg}); one JSON object a line") from e
+    if not isinstance(record, dict):
+      raise UserError(f"{prompts_file}:{number}: expected a JSON object with fields {fields}")
+    records.append(record)
+  if not records:
+    raise UserError("generate: no records; pass --prompt=TEXT or --prompts_file=FILE.jsonl with --template")
+  return [template.render_prompt(r) for r in records]
 
 
 def generate_cli(prompts: Sequence[str], *, model: str = "", workdir: str = "", checkpoint: str = "latest",

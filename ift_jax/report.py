@@ -54,16 +54,24 @@ def write_report(out_dir: pathlib.Path, metrics: dict[str, Any], metrics_log: pa
 
 
 def _table(tables: dict[str, Any], settings: list[str], heldout: list[str]) -> list[str]:
+  """One row per template and metric; a task row (its templates' examples pooled) where a task has several."""
   header = ["task / template", "metric", "n"] + settings
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  rows = [(task, f"**{task}** (all templates)", by) for task, by in sorted(tables["tasks"].items())]
-  rows += [(key, key + (" (held out)" if key in heldout else ""), by)
-           for key, by in sorted(tables["templates"].items())]
-  for _, label, by_setting in sorted(rows, key=lambda r: (r[0].split("/")[0], "/" in r[0], r[0])):
+  templates = tables["templates"]
+  by_task: dict[str, list[str]] = {}
+  for key in sorted(templates):
+    by_task.setdefault(key.split("/")[0], []).append(key)
+  rows = [(task, f"**{task}** (all templates)", tables["tasks"][task]) for task, keys in by_task.items()
+          if len(keys) > 1]
+  rows += [(key, key + (" (held out)" if key in heldout else ""), templates[key]) for key in templates]
+  for name, label, by_setting in sorted(rows, key=lambda r: (r[0].split("/")[0], "/" in r[0], r[0])):
     first = next(iter(by_setting.values()))
+    keys = [name] if "/" in name else by_task[name]
     for metric in (m for m in _ORDER if m in first):
+      n = sum(next(iter(templates[k].values()))["examples"] for k in keys
+              if metric in next(iter(templates[k].values())))  # the examples this metric averages over
       cells = [_cell(by_setting.get(s, {}), metric, by_setting) for s in settings]
-      lines.append(f"| {label} | {metric} | {first['examples']} | " + " | ".join(cells) + " |")
+      lines.append(f"| {label} | {metric} | {n} | " + " | ".join(cells) + " |")
   return lines
 
 
@@ -103,13 +111,20 @@ def _teacher_forced(rows: list[dict[str, Any]], split: str) -> str:
 
 def _plot_losses(rows: list[dict[str, Any]], path: pathlib.Path) -> bool:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  series = {name: [(r["step"], r[name]) for r in rows if name in r] for name in ("train/loss", "validation/loss")}
-  if not any(series.values()):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+  validation = [(r["step"], r["validation/loss"]) for r in rows if "validation/loss" in r]
+  if not train and not validation:
     return False
-  fig, ax = plt.subplots(figsize=(6, 3.5))
-  for name, points in series.items():
-    if points:
-      ax.plot(*zip(*points), marker="o" if name.startswith("validation") else None, markersize=4, label=name)
+  fig, ax = plt.subplots(figsize=(6.5, 3.5))
+  if train:
+    steps, values = map(np.asarray, zip(*train))
+    ax.plot(steps, values, color="tab:blue", alpha=0.25, linewidth=1, label="train/loss (each step)")
+    window = max(1, min(10, len(values) // 5))  # mixed tasks make single steps noisy: show the trend too
+    smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+    ax.plot(steps[window - 1:], smooth, color="tab:blue", label=f"train/loss ({window}-step mean)")
+  if validation:
+    ax.plot(*zip(*validation), color="tab:orange", marker="o", markersize=4, label="validation/loss")
   ax.set_xlabel("step")
   ax.set_ylabel("cross-entropy per target token")
   ax.grid(alpha=0.3)
@@ -127,10 +142,11 @@ def _plot_tasks(tables: dict[str, Any], settings: list[str], path: pathlib.Path,
   for key, by_setting in sorted(tables["templates"].items()):
     found = task_metrics.headline(next(iter(by_setting.values())))
     if found:
-      rows.append((f"{key}\n({found[0]})", [by_setting.get(s, {}).get(found[0], 0.0) for s in settings]))
+      label = key.replace("/", "\n") + f"\n({found[0]})"
+      rows.append((label, [by_setting.get(s, {}).get(found[0], 0.0) for s in settings]))
   if not rows:
     return False
-  fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 4))
+  fig, ax = plt.subplots(figsize=(max(6, 1.9 * len(rows)), 4.2))
   width = 0.8 / len(settings)
   for j, setting in enumerate(settings):
     x = np.arange(len(rows)) + (j - (len(settings) - 1) / 2) * width
@@ -149,7 +165,7 @@ def _plot_tasks(tables: dict[str, Any], settings: list[str], path: pathlib.Path,
 def _plot_confusion(by_setting: dict[str, Any], path: pathlib.Path, title: str) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   shown = [(s, r["confusion"]) for s, r in by_setting.items() if "confusion" in r]
-  fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.4), squeeze=False)
+  fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.8), squeeze=False)
   for ax, (setting, confusion) in zip(axes[0], shown):
     counts, labels = confusion["counts"], confusion["labels"]
     ax.imshow(counts, cmap="Blues")

@@ -8,8 +8,8 @@ three kinds of model answer every template's prompt:
   base k-shot     the pretrained weights, k solved examples of the same template from the train split first
                   (whole examples are dropped to fit eval.max_prompt_tokens; the mean shot count is reported);
   fine-tuned      each requested checkpoint, the prompt alone.
-Generation is greedy and stops at EOS or the template's stop strings. Rank classification scores each answer
-choice by its log-likelihood. Everything runs in batches on the training mesh; only token ids and per-example
+Generation is greedy and stops at EOS or the template's stop strings (after any leading whitespace, which a base
+model often emits before its answer). Rank classification scores each answer choice by its log-likelihood. Everything runs in batches on the training mesh; only token ids and per-example
 scores come back to the host, and metrics are running sums (ift_jax.task_metrics), so host memory does not grow
 with the number of examples. Every process computes the same results; process 0 writes DIR/eval/metrics.json,
 report.md, predictions.jsonl and the PNG charts (ift_jax.report).
@@ -80,12 +80,15 @@ def options_from_config(c: Any, **overrides: Any) -> Options:
   section = dict(c.get("eval", {}) or {})
   known = {f.name for f in dataclasses.fields(Options)}
   values = {k: v for k, v in section.items() if k in known}
-  values.setdefault("compute_dtype", c.model.compute_dtype)
   values.update({k: v for k, v in overrides.items() if v is not None})
+  values["compute_dtype"] = values.get("compute_dtype") or c.model.compute_dtype  # "" = the training precision
   for key in ("checkpoints", "splits"):
     if isinstance(values.get(key), str):
       values[key] = tuple(v.strip() for v in values[key].split(",") if v.strip())
   options = Options(**values)
+  from ift_jax import train
+  if options.compute_dtype not in train.DTYPES:
+    raise UserError(f"eval.compute_dtype={options.compute_dtype!r}: use one of {', '.join(train.DTYPES)} or ''")
   bad = sorted(set(options.splits) - {"validation", "test"})
   if bad or not options.splits:
     raise UserError(f"--splits={','.join(options.splits)}: use validation and/or test")
@@ -245,7 +248,8 @@ class Scorer:
                  generated: dict[int, str]) -> None:
     for i, text in zip(chosen, self.tokenizer.batch_decode(ids, skip_special_tokens=True)):
       if _needs(items[i], _GENERATION_METRICS):
-        generated[i] = cut_at_stop(text, items[i].template.stop)
+        # Leading blank lines are not an answer's end: a base model often starts with "\n" before answering.
+        generated[i] = cut_at_stop(text.lstrip(), items[i].template.stop)
 
   def _ranked_by_prefill(self, item: Item) -> bool:
     return (item.gold is not None and _needs(item, _RANK_METRICS)

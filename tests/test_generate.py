@@ -128,3 +128,14 @@ def test_cli_prints_one_completion_per_prompt(tmp_path):
   assert [line["prompt"] for line in lines] == ["good movie", "the movie was", "I love"]
   assert all(isinstance(line["completion"], str) for line in lines)
   assert any(line["completion"] for line in lines)
+
+
+def test_prompts_through_a_template_from_flags_or_json_lines(tmp_path):
+  records = tmp_path / "records.jsonl"
+  records.write_text('{"text": "Loud and clear."}\n\n{"text": "Broke."}\n', encoding="utf-8")
+  prompts = generate.read_prompts(["Fine."], str(records), "amazon_reviews/rating_from_review")
+  assert [p.split("\n")[1] for p in prompts] == ["Fine.", "Loud and clear.", "Broke."]
+  assert all(p.endswith("Rating (1-5):") for p in prompts)
+  records.write_text('{"text": "ok"}\n[1]\n', encoding="utf-8")
+  with pytest.raises(generate.UserError, match=f"{records}:2: expected a JSON object"):
+    generate.read_prompts([], str(records), "amazon_reviews/rating_from_review")

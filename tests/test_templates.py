@@ -181,3 +181,15 @@ def test_task_metric_defaults_and_empty_stop(tmp_path):
   loaded = templates.load_templates(str(path))["*"]
   assert loaded["free"].task_metrics == ("exact_match",) and loaded["free"].stop == ()
   assert loaded["pick"].task_metrics == ("exact_match", "rank_accuracy") and loaded["pick"].stop == ("\n",)
+
+
+def test_find_template_and_render_a_prompt_without_its_answer(tmp_path):
+  rating = templates.find_template("amazon_reviews/rating_from_review")
+  assert rating.render_prompt({"text": "Great sound."}) == (
+      "Predict the associated rating from the following review:\nGreat sound.\nRating (1-5):")
+  with pytest.raises(UserError, match="prompt uses field 'text' but the record has fields"):
+    rating.render_prompt({"review": "x"})
+  path = _write(tmp_path, 'echo: {prompt: "Say {{ text }}", completion: " {{ text }}"}\n', "flat.yaml")
+  assert templates.find_template(f"{path}:echo").render_prompt({"text": "hi"}) == "Say hi"
+  with pytest.raises(UserError, match="--template='amazon_reviews/nope': no such template; use one of "):
+    templates.find_template("amazon_reviews/nope")

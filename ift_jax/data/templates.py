@@ -137,6 +137,14 @@ class Template:
                       f"fields {sorted(record)}; fix the template or the data")
     return self._render(self.prompt, context), self._render(self.completion, context)
 
+  def render_prompt(self, record: Mapping[str, Any]) -> str:
+    """The prompt alone, for a record that has no answer yet (generation)."""
+    missing = sorted(self.prompt_fields - record.keys())
+    if missing:
+      raise UserError(f"template {self.name!r} ({self.origin}) prompt uses field {missing[0]!r} but the record has "
+                      f"fields {sorted(record)}; add the field to the record")
+    return self._render(self.prompt, dict(record))
+
   def _render(self, source: str, context: dict[str, Any]) -> str:
     try:
       return _compile(source).render(context)
@@ -196,6 +204,19 @@ def templates_for(templates: Mapping[str, Mapping[str, Template]], source: str) 
     raise UserError(f"no templates for data source {source!r} in {', '.join(origins) or 'the template file'} "
                     f"(it has groups {sorted(templates)}); add a group {source!r} or '*'")
   return chosen
+
+
+def find_template(spec: str) -> Template:
+  """One template by "source/name" (built-in catalog) or "FILE.yaml:source/name" ("*/name" for flat files)."""
+  path, _, key = spec.rpartition(":") if ":" in spec else ("", "", spec)
+  source, _, name = key.rpartition("/")
+  loaded = load_templates(path)
+  group = templates_for(loaded, source or ALL_SOURCES) if (source or ALL_SOURCES) in loaded else {}
+  if name not in group:
+    names = sorted(f"{s}/{n}" for s, g in loaded.items() for n in g)
+    raise UserError(f"--template={spec!r}: no such template; use one of {', '.join(names)} "
+                    "(prefix FILE.yaml: for your own file)")
+  return group[name]
 
 
 def builtin_names() -> list[str]:
