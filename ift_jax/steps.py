@@ -29,11 +29,26 @@ class ModelRunner:
   graphdef: nnx.GraphDef
   compute_dtype: Any = jnp.bfloat16
   remat: str = "none"
+  loss_chunk: int = 0  # positions per cross-entropy chunk in training; 0 = all logits at once
+  attention: str = "einsum"  # see ift_jax.model.transformer.attention
+  scan_layers: bool = True  # False unrolls the layer loop (see Transformer.hidden)
 
   def logits(self, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
     model = nnx.merge(self.graphdef, nnx.State(params))
     return model(batch["inputs"], batch["positions"], batch["segment_ids"],
-                 compute_dtype=self.compute_dtype, remat=self.remat)
+                 compute_dtype=self.compute_dtype, remat=self.remat, attention=self.attention,
+                 scan_layers=self.scan_layers)
+
+  def loss_sums(self, params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """losses.weighted_sums of the batch, from the whole logits or `loss_chunk` positions at a time."""
+    if not self.loss_chunk:
+      return losses.weighted_sums(self.logits(params, batch), batch["targets"], batch["weights"])
+    model = nnx.merge(self.graphdef, nnx.State(params))
+    x_BxLxD = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"],
+                           compute_dtype=self.compute_dtype, remat=self.remat, attention=self.attention,
+                           scan_layers=self.scan_layers)
+    return losses.chunked_weighted_sums(lambda x: model.head(x, self.compute_dtype), x_BxLxD, batch["targets"],
+                                        batch["weights"], self.loss_chunk)
 
 
 def make_train_step(runner: ModelRunner, optimizer: optax.GradientTransformation,
@@ -46,7 +61,7 @@ def make_train_step(runner: ModelRunner, optimizer: optax.GradientTransformation
   """
 
   def loss_fn(params, micro, total_weight):
-    sums = losses.weighted_sums(runner.logits(params, micro), micro["targets"], micro["weights"])
+    sums = runner.loss_sums(params, micro)
     return sums["loss"] / total_weight, sums
 
   def train_step(state, batch):
@@ -56,8 +71,14 @@ def make_train_step(runner: ModelRunner, optimizer: optax.GradientTransformation
       (_, sums), micro_grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], micro, total_weight)
       return jax.tree.map(jnp.add, grads, micro_grads), sums
 
-    zeros = jax.tree.map(jnp.zeros_like, state["params"])
-    grads, sums_A = jax.lax.scan(accumulate, zeros, batch)
+    # The first micro-batch's gradients start the sum: no zero-filled accumulator to write and add (a full
+    # pass over the parameters), and without accumulation no loop at all.
+    (_, first_sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], jax.tree.map(lambda x: x[0], batch), total_weight)
+    sums_A = jax.tree.map(lambda x: x[None], first_sums)
+    if batch["inputs"].shape[0] > 1:
+      grads, rest_A = jax.lax.scan(accumulate, grads, jax.tree.map(lambda x: x[1:], batch))
+      sums_A = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), sums_A, rest_A)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     grad_norm = optax.tree.norm(grads)

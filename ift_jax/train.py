@@ -23,6 +23,7 @@ from ift_jax.data import loader
 from ift_jax.errors import UserError
 from ift_jax.metrics_log import MetricsLog
 from ift_jax.model import load
+from ift_jax.model.transformer import ATTENTION
 
 _log = logging.getLogger(__name__)
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
@@ -56,6 +57,11 @@ def validate_config(c: Any) -> None:
     raise UserError(f"model.compute_dtype={c.model.compute_dtype!r}: use one of {', '.join(DTYPES)}")
   if c.model.remat not in ("none", "full", "dots"):
     raise UserError(f"model.remat={c.model.remat!r}: use none, full or dots")
+  if model_option(c, "attention") not in ATTENTION:
+    raise UserError(f"model.attention={model_option(c, 'attention')!r}: use one of {', '.join(ATTENTION)}")
+  chunk = model_option(c, "loss_chunk")
+  if chunk < 0 or (chunk and c.data.seq_len % chunk):
+    raise UserError(f"model.loss_chunk={chunk}: use 0 (whole rows) or a divisor of data.seq_len={c.data.seq_len}")
   if c.data.seq_len < 8:
     raise UserError(f"data.seq_len={c.data.seq_len}: use at least 8 tokens")
   if c.train.steps <= 0 and c.train.epochs <= 0:
@@ -67,6 +73,13 @@ def validate_config(c: Any) -> None:
     raise UserError("checkpoint.every and checkpoint.keep must be positive")
   if c.checkpoint.best_mode not in ("min", "max"):
     raise UserError(f"checkpoint.best_mode={c.checkpoint.best_mode!r}: use min or max")
+
+
+_MODEL_DEFAULTS = {"attention": "einsum", "loss_chunk": 0, "scan_layers": True}  # for configs saved before these fields existed
+
+
+def model_option(c: Any, key: str) -> Any:
+  return c.model.get(key, _MODEL_DEFAULTS[key])
 
 
 def _check_batch(c: Any, mesh: Any) -> None:
@@ -109,7 +122,9 @@ def _compile(c: Any, mesh: Any, cfg: Any, *, total_steps: int, num_slots: int):
   optimizer = optim.make_optimizer(
       lr=o.lr, warmup_steps=o.warmup_steps, total_steps=total_steps, end_lr_ratio=o.end_lr_ratio,
       weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, clip_norm=o.clip_norm)
-  runner = steps.ModelRunner(graphdef, compute_dtype=DTYPES[c.model.compute_dtype], remat=c.model.remat)
+  runner = steps.ModelRunner(graphdef, compute_dtype=DTYPES[c.model.compute_dtype], remat=c.model.remat,
+                             loss_chunk=model_option(c, "loss_chunk"), attention=model_option(c, "attention"),
+                             scan_layers=model_option(c, "scan_layers"))
   compiled = steps.jit_steps(runner, optimizer, schedule, mesh=mesh, abstract_params=abstract_params,
                              param_shardings=param_sh, num_slots=num_slots,
                              skip_nonfinite=c.train.skip_nonfinite)
@@ -298,16 +313,22 @@ def _steps(s: Session, log: MetricsLog, progress: Any, preemption: _Preemption, 
   c = s.config
   batch_sh = steps.train_batch_sharding(s.mesh)
   pending = None  # (step, metrics, position, tokens, t0): fetched after the next step is dispatched
+  timer = _StepTimer()
+  local, following = s.train_loader.batch(position)
+  batch = evaluate.to_global(local, batch_sh)
   for step in range(int(state["step"]) + 1, s.total_steps + 1):
-    local, following = s.train_loader.batch(position)
     t0 = time.perf_counter()
-    state, metrics = s.compiled.train(state, evaluate.to_global(local, batch_sh))
+    state, metrics = s.compiled.train(state, batch)  # dispatched asynchronously
+    tokens = int((local["segment_ids"] > 0).sum()) * jax.process_count()
+    if step < s.total_steps:  # prefetch: build and send the next batch while this step computes
+      local, after_next = s.train_loader.batch(following)
+      batch = evaluate.to_global(local, batch_sh)
     if pending is not None:
-      _log_train(s, log, progress, *pending)
-    pending = (step, metrics, position, int((local["segment_ids"] > 0).sum()) * jax.process_count(), t0)
+      _log_train(s, log, progress, timer, *pending)
+    pending = (step, metrics, position, tokens, t0)
     improved = False
     if step % c.train.eval_every == 0 or step == s.total_steps:
-      _log_train(s, log, progress, *pending)
+      _log_train(s, log, progress, timer, *pending)
       pending = None
       validation = run_eval(s, state["params"], "validation")
       log.write(step, validation, echo=f"validation, step {step}")
@@ -316,23 +337,37 @@ def _steps(s: Session, log: MetricsLog, progress: Any, preemption: _Preemption, 
     stop = preemption.stop_now()
     if step % c.checkpoint.every == 0 or step == s.total_steps or improved or stop:
       if pending is not None:  # never save an update whose loss we have not seen to be finite
-        _log_train(s, log, progress, *pending)
+        _log_train(s, log, progress, timer, *pending)
         pending = None
       s.checkpointer.save(step, state, {**following.to_json(), "best": best}, c.to_dict(), best=improved)
-    position = following
-    if stop:
+    if stop or step == s.total_steps:
       break
+    position, following = following, after_next
   if pending is not None:
-    _log_train(s, log, progress, *pending)
+    _log_train(s, log, progress, timer, *pending)
   s.checkpointer.wait()
   return state, best, stop
 
 
-def _log_train(s: Session, log: MetricsLog, progress: Any, step: int, metrics: Any, position: loader.Position,
-               tokens: int, t0: float) -> None:
+class _StepTimer:
+  """How long each step ran: from when it could start (dispatched, and the previous step finished) to when its
+  metrics were ready. Dispatch is asynchronous, so dispatch-to-ready alone would include the previous step's tail
+  and undercount tokens/s by up to 2×."""
+
+  def __init__(self):
+    self._last_ready = 0.0
+
+  def seconds(self, dispatched: float) -> float:
+    ready = time.perf_counter()
+    start, self._last_ready = max(dispatched, self._last_ready), ready
+    return max(ready - start, 1e-9)
+
+
+def _log_train(s: Session, log: MetricsLog, progress: Any, timer: _StepTimer, step: int, metrics: Any,
+               position: loader.Position, tokens: int, t0: float) -> None:
   values = {k: float(v) for k, v in jax.device_get(metrics).items()}
   _check_finite(values, step, position, s)
-  tokens_per_s = tokens / max(time.perf_counter() - t0, 1e-9)
+  tokens_per_s = tokens / timer.seconds(t0)
   progress.update(step - progress.n)
   progress.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{tokens_per_s:.0f}")
   if step % s.config.train.log_every == 0 or step == s.total_steps:

@@ -27,14 +27,16 @@ def _batch(rows=8, length=16, seed=0):
           "positions": pos}
 
 
-def _run(mesh, batch, accum, n_steps=2, compute_dtype=jnp.float32, remat="none"):
+def _run(mesh, batch, accum, n_steps=2, compute_dtype=jnp.float32, remat="none", loss_chunk=0,
+         attention="einsum", scan_layers=True):
   optimizer = optim.make_optimizer(lr=1e-2, warmup_steps=1, total_steps=10, end_lr_ratio=0.1, weight_decay=0.1,
                                    b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0)
   schedule = optim.learning_rate_schedule(lr=1e-2, warmup_steps=1, total_steps=10, end_lr_ratio=0.1)
   graphdef, abstract, _ = load.abstract_model(CFG)
   param_sh = load.param_shardings(mesh, CFG)
   params = jax.device_put(jax.device_get(load.init_params(CFG, mesh, seed=0)), param_sh)
-  runner = steps.ModelRunner(graphdef, compute_dtype=compute_dtype, remat=remat)
+  runner = steps.ModelRunner(graphdef, compute_dtype=compute_dtype, remat=remat, loss_chunk=loss_chunk,
+                             attention=attention, scan_layers=scan_layers)
   compiled = steps.jit_steps(runner, optimizer, schedule, mesh=mesh, abstract_params=abstract,
                              param_shardings=param_sh, num_slots=4)
   state = compiled.init(params)
@@ -101,3 +103,21 @@ def test_bfloat16_compute_tracks_float32():
                                                                      compute_dtype=jnp.bfloat16)
   assert abs(f32[0]["loss"] - bf16[0]["loss"]) < 0.02 * f32[0]["loss"]
   assert f32[0]["loss"] != bf16[0]["loss"]  # the compute really ran in bfloat16
+
+
+@pytest.mark.parametrize("mesh", ["single", "2x2x2"])
+def test_chunked_cross_entropy_matches_whole_logits(mesh):
+  batch = _batch()
+  make = _single if mesh == "single" else lambda: sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  _assert_same(_run(make(), batch, 1, loss_chunk=4), _run(make(), batch, 1), 2e-5)
+
+
+def test_jax_dot_product_attention_keeps_packed_examples_apart():
+  """jax.nn.dot_product_attention with the packing mask = the spelled-out attention, on packed rows."""
+  batch = _batch()
+  _assert_same(_run(_single(), batch, 1, attention="jax"), _run(_single(), batch, 1), 2e-5)
+
+
+def test_unrolled_layers_match_the_scanned_loop():
+  batch = _batch()
+  _assert_same(_run(_single(), batch, 2, scan_layers=False), _run(_single(), batch, 2), 2e-5)

@@ -2,9 +2,15 @@
 
     python tools/bench.py --model smollm2-135m --batch 8 --seq 128 --steps 4 --dtype float32
     python tools/bench.py --model llama-1b --batch 8 --seq 2048            # on a GPU
+    python tools/bench.py --model llama-1b --batch 8 --seq 2048 --lengths tools/sft_lengths.json   # realistic SFT
 
 Same shapes and the same FLOPs formula as the PyTorch peer (../shared/peer/torch_hf_sft.py), so the two JSON
 lines of one machine give a ratio. A benchmark, not a test: nothing here asserts a speed.
+
+With --lengths, examples get the (prompt, completion) lengths of real instruction data (tools/sft_lengths.json)
+and are packed next-fit into the batch's rows, a new batch every step, as `ift-jax train` does; the line reports
+useful (non-padding) tokens/s and, for the peer, the padded sequence length and padding efficiency it would have
+padding each batch of `batch` examples to its longest (tools/device_bench.sh runs the peer at that length).
 Needs only jax, flax and optax (not datasets or ml_collections), so it runs on the bare device image.
 """
 
@@ -19,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ift_jax import optim, sharding, steps
+from ift_jax.data import pack, tokenize
 from ift_jax.model import load
 from ift_jax.model.config import ModelConfig
 
@@ -54,6 +61,30 @@ def _batch(vocab: int, batch: int, seq: int) -> dict[str, np.ndarray]:
           "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (1, batch, seq)).copy()}
 
 
+def _sft_batches(path: str, vocab: int, batch: int, seq: int, count: int) -> tuple[list[dict], dict]:
+  """`count` packed batches of real-length examples, and the padding the peer's layout would have."""
+  with open(path) as f:
+    lengths = [tuple(pc) for pc in json.load(f)["lengths"] if sum(pc) <= seq + 1]
+  rng = np.random.default_rng(0)
+  examples, batches, cursor = [], [], 0
+  while len(batches) < count:
+    prompt, completion = lengths[cursor % len(lengths)]
+    cursor += 1
+    examples.append(tokenize.Example(ids=rng.integers(1, vocab, prompt + completion).astype(np.int32),
+                                     weights=np.r_[np.zeros(prompt), np.ones(completion)].astype(np.float32),
+                                     template="sft", record_index=cursor))
+    rows = pack.pack(examples, seq_len=seq, packed=True)
+    if len(rows) > batch:  # the last example opened row batch + 1: the batch is full without it
+      rows = pack.pack(examples[:-1], seq_len=seq, packed=True)
+      batches.append({k: getattr(rows, k)[None] for k in steps.BATCH_KEYS})
+      examples = examples[-1:]
+  used = [sum(lengths[i % len(lengths)]) for i in range(cursor - 1)]
+  padded = [batch * max(used[i:i + batch]) for i in range(0, len(used), batch)]  # each batch to its longest
+  peer = {"peer_padded_seq": int(np.mean([p / batch for p in padded])),
+          "peer_padding_efficiency": round(sum(used) / sum(padded), 4)}
+  return batches, peer
+
+
 def run(args: argparse.Namespace) -> dict:
   shape = SHAPES[args.model]
   cfg = ModelConfig.from_hf({"model_type": "llama", **shape, "max_position_embeddings": max(args.seq, 2048)})
@@ -63,27 +94,43 @@ def run(args: argparse.Namespace) -> dict:
   schedule = optim.learning_rate_schedule(lr=1e-5, warmup_steps=0, total_steps=1000, end_lr_ratio=1.0)
   optimizer = optim.make_optimizer(lr=1e-5, warmup_steps=0, total_steps=1000, end_lr_ratio=1.0,
                                    weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0)
-  runner = steps.ModelRunner(graphdef, compute_dtype=jnp.dtype(args.dtype), remat=args.remat)
+  runner = steps.ModelRunner(graphdef, compute_dtype=jnp.dtype(args.dtype), remat=args.remat,
+                             loss_chunk=args.loss_chunk, attention=args.attention,
+                             scan_layers=bool(args.scan_layers))
   compiled = steps.jit_steps(runner, optimizer, schedule, mesh=mesh, abstract_params=abstract,
                              param_shardings=param_sh, num_slots=2)
   state = compiled.init(load.init_params(cfg, mesh, seed=0))
-  batch = jax.device_put(_batch(cfg.vocab_size, args.batch, args.seq), steps.train_batch_sharding(mesh))
+  extra = {}
+  if args.lengths:
+    host, extra = _sft_batches(args.lengths, cfg.vocab_size, args.batch, args.seq, 1 + args.warmup + args.steps)
+  else:
+    host = [_batch(cfg.vocab_size, args.batch, args.seq)] * (1 + args.warmup + args.steps)
+  batches = [jax.device_put(b, steps.train_batch_sharding(mesh)) for b in host]  # placed before timing
   t0 = time.perf_counter()
-  state, metrics = compiled.train(state, batch)
+  state, metrics = compiled.train(state, batches[0])
   jax.block_until_ready(metrics)
   compile_s = time.perf_counter() - t0
-  for _ in range(args.warmup):
-    state, metrics = compiled.train(state, batch)
+  for b in batches[1:1 + args.warmup]:
+    state, metrics = compiled.train(state, b)
   jax.block_until_ready(metrics)
   t0 = time.perf_counter()
-  for _ in range(args.steps):
-    state, metrics = compiled.train(state, batch)
+  for b in batches[1 + args.warmup:]:
+    state, metrics = compiled.train(state, b)
   jax.block_until_ready(metrics)
   step_s = (time.perf_counter() - t0) / args.steps
   tokens_per_s = args.batch * args.seq / step_s
+  if args.lengths:
+    timed = host[1 + args.warmup:]
+    useful = sum(int((b["segment_ids"] > 0).sum()) for b in timed) / len(timed)
+    extra.update(mode="sft", useful_tokens_per_s=round(useful / step_s, 1),
+                 target_tokens_per_s=round(sum(float(b["weights"].sum()) for b in timed) / len(timed) / step_s, 1),
+                 packing_efficiency=round(useful / (args.batch * args.seq), 4),
+                 examples_per_step=round(sum(int(b["segment_ids"].max(axis=-1).sum()) for b in timed) / len(timed), 1))
   stats = jax.devices()[0].memory_stats() or {}
   return dict(impl="ift-jax", model=args.model, batch=args.batch, seq=args.seq, dtype=args.dtype,
-              remat=args.remat, step_s=round(step_s, 4), tokens_per_s=round(tokens_per_s, 1),
+              remat=args.remat, attention=args.attention, loss_chunk=args.loss_chunk,
+              scan_layers=bool(args.scan_layers), **extra,
+              step_s=round(step_s, 4), tokens_per_s=round(tokens_per_s, 1),
               mfu=round(tokens_per_s * train_flops_per_token(shape, args.seq) / (args.peak_tflops * 1e12), 4),
               peak_mem_gib=round(stats["peak_bytes_in_use"] / 2**30, 2) if "peak_bytes_in_use" in stats else None,
               compile_s=round(compile_s, 2), loss=round(float(metrics["loss"]), 4),
@@ -99,6 +146,10 @@ def main() -> None:
   ap.add_argument("--warmup", type=int, default=1)
   ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
   ap.add_argument("--remat", default="none", choices=["none", "full", "dots"])
+  ap.add_argument("--attention", default="einsum", choices=["einsum", "jax", "cudnn"])
+  ap.add_argument("--loss-chunk", type=int, default=0, help="positions per cross-entropy chunk; 0 = whole rows")
+  ap.add_argument("--scan-layers", type=int, default=1, help="1: layers under lax.scan; 0: unrolled")
+  ap.add_argument("--lengths", default="", help="realistic SFT: a JSON of real (prompt, completion) lengths")
   ap.add_argument("--data", type=int, default=-1)
   ap.add_argument("--fsdp", type=int, default=1)
   ap.add_argument("--tensor", type=int, default=1)
