@@ -314,6 +314,9 @@ def _steps(s: Session, log: MetricsLog, progress: Any, preemption: _Preemption, 
   batch_sh = steps.train_batch_sharding(s.mesh)
   pending = None  # (step, metrics, position, tokens, t0): fetched after the next step is dispatched
   timer = _StepTimer()
+  stop = False
+  if int(state["step"]) >= s.total_steps:  # resumed from the final checkpoint (killed before it exited)
+    return state, best, stop
   local, following = s.train_loader.batch(position)
   batch = evaluate.to_global(local, batch_sh)
   for step in range(int(state["step"]) + 1, s.total_steps + 1):

@@ -3,7 +3,6 @@ the evaluated examples are training's own, and host memory stays flat however ma
 
 from __future__ import annotations
 
-import importlib.util
 import tracemalloc
 
 import numpy as np
@@ -13,7 +12,7 @@ from ift_jax import generate, sharding, task_eval, task_metrics, train
 from ift_jax.data import templates
 from ift_jax.model import load
 from tests import fixtures, hf_models
-from tests.test_train import ROOT
+from tests.test_run_config import _config
 
 
 def test_normalize_and_exact_match():
@@ -102,16 +101,6 @@ def test_host_memory_stays_flat_with_the_number_of_examples(tmp_path):
   assert large - small < logits_bytes / 10, (small, large, logits_bytes)
 
 
-def _tiny_config(inputs):
-  spec = importlib.util.spec_from_file_location("tiny", ROOT / "configs" / "tiny.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
-  model, data = inputs
-  c.model.path, c.data.source, c.data.templates = str(model), str(data / "reviews.jsonl"), str(data / "templates.yaml")
-  return c
-
-
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
   root = tmp_path_factory.mktemp("inputs")
@@ -119,7 +108,7 @@ def inputs(tmp_path_factory):
 
 
 def test_items_are_the_examples_training_evaluates_with_the_same_prompts(inputs):
-  c = _tiny_config(inputs)
+  c = _config(inputs)
   tokenizer = load.open_pretrained(c.model.path).load_tokenizer()
   prepared = train.prepare_data(c, tokenizer)
   items, _, notes = task_eval.build_items(c, tokenizer, "test")
@@ -132,7 +121,7 @@ def test_items_are_the_examples_training_evaluates_with_the_same_prompts(inputs)
 
 
 def test_few_shot_prompts_use_train_examples_within_the_budget(inputs):
-  c = _tiny_config(inputs)
+  c = _config(inputs)
   tokenizer = load.open_pretrained(c.model.path).load_tokenizer()
   items, selections, _ = task_eval.build_items(c, tokenizer, "test")
   item = items[0]
@@ -150,7 +139,7 @@ def test_few_shot_prompts_use_train_examples_within_the_budget(inputs):
 
 
 def test_options_are_checked_by_name(inputs):
-  c = _tiny_config(inputs)
+  c = _config(inputs)
   assert task_eval.options_from_config(c, k_shot=0, splits="test").splits == ("test",)
   with pytest.raises(templates.UserError, match="--splits=train: use validation and/or test"):
     task_eval.options_from_config(c, splits="train")

@@ -152,6 +152,15 @@ def test_damaged_latest_checkpoint_is_skipped_with_a_warning(inputs, reference, 
   _assert_reproduces(tmp_path, reference)
 
 
+def test_rerunning_a_finished_run_only_reports_again(inputs, reference, tmp_path):
+  """A run killed after its final checkpoint resumes with no step left: it re-reports, trains nothing."""
+  import shutil
+  workdir = tmp_path / "done"
+  shutil.copytree(reference, workdir)
+  _run(_cmd("train", inputs, workdir, *_RESUME))
+  _assert_reproduces(workdir, reference)
+
+
 def test_fault_injection_kill_at_random_moments(inputs, reference, tmp_path):
   """kill -9 at three seeded random moments of one run (start-up, steps, saves); the end state is unchanged."""
   rng = np.random.default_rng(0)
