@@ -65,6 +65,17 @@ def test_two_processes_match_one_process_and_resume_elastically(inputs, tmp_path
   for name in ("model.safetensors", "config.json"):
     assert (tmp_path / "hf2" / name).read_bytes() == (tmp_path / "hf1" / name).read_bytes(), name
 
+  # Task evaluation on 2 processes: identical inputs everywhere, replicated results, process 0 writes; the
+  # metrics and every prediction equal a 1-process evaluation of the same checkpoint.
+  one = tmp_path / "eval1"
+  shutil.copytree(multi, one)
+  eval_flags = ["--k_shot=1", "--splits=test", "--max_new_tokens=4"]
+  _run_processes(inputs, multi, 2, 4, *eval_flags, command="eval")
+  _run(_cmd("eval", inputs, one, *eval_flags))
+  eval_multi = json.loads((multi / "eval" / "metrics.json").read_text())["splits"]
+  assert eval_multi == json.loads((one / "eval" / "metrics.json").read_text())["splits"]
+  assert (multi / "eval" / "predictions.jsonl").read_text() == (one / "eval" / "predictions.jsonl").read_text()
+
   # Elastic: the 2-process checkpoint of step 4 continues on 1 process with 4 devices, on the same data order.
   elastic = tmp_path / "elastic"
   shutil.copytree(multi, elastic)
