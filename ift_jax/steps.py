@@ -67,14 +67,17 @@ def make_train_step(runner: ModelRunner, optimizer: optax.GradientTransformation
   def train_step(state, batch):
     total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
 
+    def grads_and_sums(micro):
+      (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], micro, total_weight)
+      return grads, sums
+
     def accumulate(grads, micro):
-      (_, sums), micro_grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], micro, total_weight)
+      micro_grads, sums = grads_and_sums(micro)
       return jax.tree.map(jnp.add, grads, micro_grads), sums
 
     # The first micro-batch's gradients start the sum: no zero-filled accumulator to write and add (a full
     # pass over the parameters), and without accumulation no loop at all.
-    (_, first_sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], jax.tree.map(lambda x: x[0], batch), total_weight)
+    grads, first_sums = grads_and_sums(jax.tree.map(lambda x: x[0], batch))
     sums_A = jax.tree.map(lambda x: x[None], first_sums)
     if batch["inputs"].shape[0] > 1:
       grads, rest_A = jax.lax.scan(accumulate, grads, jax.tree.map(lambda x: x[1:], batch))

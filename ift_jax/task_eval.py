@@ -9,9 +9,9 @@ three kinds of model answer every template's prompt:
                   (whole examples are dropped to fit eval.max_prompt_tokens; the mean shot count is reported);
   fine-tuned      each requested checkpoint, the prompt alone.
 Generation is greedy and stops at EOS or the template's stop strings (after any leading whitespace, which a base
-model often emits before its answer). Rank classification scores each answer choice by its log-likelihood. Everything runs in batches on the training mesh; only token ids and per-example
-scores come back to the host, and metrics are running sums (ift_jax.task_metrics), so host memory does not grow
-with the number of examples. Every process computes the same results; process 0 writes DIR/eval/metrics.json,
+model often emits before its answer). Rank classification scores each answer choice by its log-likelihood.
+Everything runs in batches on the training mesh; only token ids and per-example scores come back to the host,
+and metrics are running sums (ift_jax.task_metrics), so host memory does not grow with the number of examples. Every process computes the same results; process 0 writes DIR/eval/metrics.json,
 report.md, predictions.jsonl and the PNG charts (ift_jax.report).
 
 Shape letters: N prompts, C answer choices.
@@ -29,7 +29,7 @@ from typing import Any, Iterator, Sequence
 import jax
 import numpy as np
 
-from ift_jax import checkpoint, sharding, task_metrics
+from ift_jax import checkpoint, report, sharding, task_metrics, train
 from ift_jax.data import loader, tokenize
 from ift_jax.data.templates import Template
 from ift_jax.errors import UserError
@@ -86,7 +86,6 @@ def options_from_config(c: Any, **overrides: Any) -> Options:
     if isinstance(values.get(key), str):
       values[key] = tuple(v.strip() for v in values[key].split(",") if v.strip())
   options = Options(**values)
-  from ift_jax import train
   if options.compute_dtype not in train.DTYPES:
     raise UserError(f"eval.compute_dtype={options.compute_dtype!r}: use one of {', '.join(train.DTYPES)} or ''")
   bad = sorted(set(options.splits) - {"validation", "test"})
@@ -100,14 +99,18 @@ def options_from_config(c: Any, **overrides: Any) -> Options:
 # ------------------------------------------------------------------------------------------------- items
 
 
-def build_items(c: Any, tokenizer: Any, split: str) -> tuple[list[Item], list[loader.EvalSelection], list[str]]:
-  """The split's evaluated pairs as Items, the per-source selections (for few-shot pools), and notes on what
-  was left out (prompts that cannot fit, references that are not among the answer choices), with counts."""
-  from ift_jax import train  # the config → data arguments live in one place
-  selections = loader.select_eval(
-      train.source_specs(c), templates_spec=c.data.templates, split=split, seed=c.seed,
+def select(c: Any, splits: Sequence[str]) -> dict[str, list[loader.EvalSelection]]:
+  """The evaluated (record, template) pairs of each split, per source; each source is read once."""
+  return loader.select_eval(
+      train.source_specs(c), templates_spec=c.data.templates, splits=splits, seed=c.seed,
       validation_fraction=c.data.validation_fraction, test_fraction=c.data.test_fraction,
       skip_malformed=c.data.skip_malformed, cap=c.data.max_eval_examples)
+
+
+def build_items(c: Any, tokenizer: Any, split: str, selections: Sequence[loader.EvalSelection]
+                ) -> tuple[list[Item], list[str]]:
+  """The split's evaluated pairs as Items, and notes on what was left out (prompts that cannot fit, references
+  that are not among the answer choices), with counts."""
   items, notes = [], []
   for sel in selections:
     dropped, not_a_choice = {}, {}
@@ -127,7 +130,7 @@ def build_items(c: Any, tokenizer: Any, split: str) -> tuple[list[Item], list[lo
               for k, n in dropped.items()]
     notes += [f"{split} {k}: {n} references are not among the answer_choices; rank metrics skip them"
               for k, n in not_a_choice.items()]
-  return items, selections, notes
+  return items, notes
 
 
 def _gold(template: Template, completion: str) -> int | None:
@@ -204,12 +207,12 @@ class Scorer:
 
   def __init__(self, pretrained: load.Pretrained, tokenizer: Any, mesh: Any, items: Sequence[Item], *,
                batch_size: int, options: Options):
-    from ift_jax import train
     self.tokenizer = tokenizer
     eos = sorted({i for i in (pretrained.cfg.eos_token_id, tokenizer.eos_token_id) if i is not None})
     graphdef, _, _ = load.abstract_model(pretrained.cfg)
-    self.choice_ids = {it.key: [list(tokenizer(ch, add_special_tokens=False).input_ids)
-                                for ch in it.template.answer_choices] for it in items if it.template.answer_choices}
+    templates = {it.key: it.template for it in items if it.template.answer_choices}  # tokenize choices once each
+    self.choice_ids = {key: [list(tokenizer(ch, add_special_tokens=False).input_ids) for ch in t.answer_choices]
+                       for key, t in templates.items()}
     short = max((len(ids) for choices in self.choice_ids.values() for ids in choices), default=1) + 2
     make = lambda new: Generator(graphdef, None, pretrained.cfg, mesh, eos_ids=eos,
                                  pad_id=tokenizer.pad_token_id or 0, batch_size=batch_size, max_new_tokens=new,
@@ -306,26 +309,26 @@ def settings(options: Options) -> list[Setting]:
   return out + [Setting(f"fine-tuned {which}", which, 0) for which in options.checkpoints]
 
 
-def evaluate_tasks(workdir: str | pathlib.Path, options: Options | None = None, **overrides: Any) -> dict[str, Any]:
-  """Runs every setting on every requested split; writes DIR/eval/ (process 0); returns metrics.json's dict."""
+def evaluate_tasks(workdir: str | pathlib.Path, **overrides: Any) -> dict[str, Any]:
+  """Runs every setting on every requested split; writes DIR/eval/ (process 0); returns metrics.json's dict.
+
+  `overrides` replace fields of the run config's eval section (Options), e.g. checkpoints="latest,best".
+  """
   from ml_collections import config_dict
-  from ift_jax import report, train
   workdir = pathlib.Path(workdir)
   reader = checkpoint.Checkpointer.open_read_only(workdir)
-  which = (options.checkpoints if options else None) or overrides.get("checkpoints") or ("latest",)
-  c = config_dict.ConfigDict(reader.restore_config(step=_first(which)))
-  options = options or options_from_config(c, **overrides)
+  c = config_dict.ConfigDict(reader.restore_config(step=_first(overrides.get("checkpoints") or "latest")))
+  options = options_from_config(c, **overrides)
   mesh = sharding.make_mesh(data=c.mesh.data, fsdp=c.mesh.fsdp, tensor=c.mesh.tensor)
   pretrained = load.open_pretrained(c.model.path)
   tokenizer = pretrained.load_tokenizer()
   heldout = train.holdout_templates(c)
-  splits = {}
-  for split in options.splits:
-    items, selections, notes = build_items(c, tokenizer, split)
-    few_shot = FewShot(tokenizer, selections, k=options.k_shot, chat=c.data.chat, seq_len=c.data.seq_len,
-                       max_prompt_tokens=options.max_prompt_tokens, seed=c.seed)
-    splits[split] = (items, few_shot, notes)
-  all_items = [it for items, _, _ in splits.values() for it in items]
+  selections = select(c, options.splits)
+  # Exemplars come from the train split, the same for every eval split: one pool per template for all.
+  few_shot = FewShot(tokenizer, next(iter(selections.values())), k=options.k_shot, chat=c.data.chat,
+                     seq_len=c.data.seq_len, max_prompt_tokens=options.max_prompt_tokens, seed=c.seed)
+  splits = {split: build_items(c, tokenizer, split, selections[split]) for split in options.splits}
+  all_items = [it for items, _ in splits.values() for it in items]
   scorer = Scorer(pretrained, tokenizer, mesh, all_items, batch_size=c.train.eval_batch_size, options=options)
   out_dir = workdir / "eval"
   writer = _Writer(out_dir)
@@ -334,7 +337,7 @@ def evaluate_tasks(workdir: str | pathlib.Path, options: Options | None = None, 
   try:
     for model, model_settings in _by_model(settings(options)):
       params, steps[model] = _params(model, reader, pretrained, mesh)
-      for split, (items, few_shot, _) in splits.items():
+      for split, (items, _) in splits.items():
         for setting in model_settings:
           t0 = time.perf_counter()
           prompts, shots = _prompts(items, few_shot, setting.shots)
@@ -349,7 +352,7 @@ def evaluate_tasks(workdir: str | pathlib.Path, options: Options | None = None, 
   metrics = {
       "workdir": str(workdir), "model": c.model.path, "k_shot": options.k_shot,
       "settings": [s.name for s in settings(options)], "checkpoint_steps": steps, "heldout_templates": heldout,
-      "notes": [n for _, _, notes in splits.values() for n in notes],
+      "notes": [n for _, notes in splits.values() for n in notes],
       "splits": {split: _tables(by_setting) for split, by_setting in results.items()},
   }
   if jax.process_index() == 0:
@@ -360,6 +363,7 @@ def evaluate_tasks(workdir: str | pathlib.Path, options: Options | None = None, 
 
 
 def _first(checkpoints: Sequence[str] | str) -> str:
+  """The first of the requested checkpoints: its saved config describes the run."""
   return checkpoints.split(",")[0].strip() if isinstance(checkpoints, str) else checkpoints[0]
 
 
@@ -383,7 +387,6 @@ def _params(model: str, reader: checkpoint.Checkpointer, pretrained: load.Pretra
 def _prompts(items: Sequence[Item], few_shot: FewShot, shots: int) -> tuple[list[list[int]], list[int]]:
   if not shots:
     return [it.prompt_ids for it in items], [0] * len(items)
-  few_shot.k = shots
   pairs = [few_shot.prompt_ids(it) for it in items]
   return [p for p, _ in pairs], [n for _, n in pairs]
 

@@ -75,7 +75,8 @@ def validate_config(c: Any) -> None:
     raise UserError(f"checkpoint.best_mode={c.checkpoint.best_mode!r}: use min or max")
 
 
-_MODEL_DEFAULTS = {"attention": "einsum", "loss_chunk": 0, "scan_layers": True}  # for configs saved before these fields existed
+# For configs saved before these fields existed.
+_MODEL_DEFAULTS = {"attention": "einsum", "loss_chunk": 0, "scan_layers": True}
 
 
 def model_option(c: Any, key: str) -> Any:

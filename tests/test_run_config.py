@@ -96,7 +96,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(inputs, tmp_pa
   model, data = inputs
   cmd = [sys.executable, "-c", "from ift_jax.cli import main; main()", "train", "--config=configs/tiny.py",
          f"--workdir={tmp_path}", f"--config.model.path={model}", f"--config.data.source={data / 'reviews.jsonl'}",
-         f"--config.data.templates={data / 'templates.yaml'}", "--config.optim.lr=1e30", "--config.optim.clip_norm=1e30",
+         f"--config.data.templates={data / 'templates.yaml'}", "--config.optim.lr=1e30",
+         "--config.optim.clip_norm=1e30",
          "--config.checkpoint.every=1", "--config.train.eval_every=100"]
   proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 3, proc.stderr[-2000:]

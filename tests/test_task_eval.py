@@ -111,7 +111,7 @@ def test_items_are_the_examples_training_evaluates_with_the_same_prompts(inputs)
   c = _config(inputs)
   tokenizer = load.open_pretrained(c.model.path).load_tokenizer()
   prepared = train.prepare_data(c, tokenizer)
-  items, _, notes = task_eval.build_items(c, tokenizer, "test")
+  items, notes = task_eval.build_items(c, tokenizer, "test", task_eval.select(c, ["test"])["test"])
   assert notes == []
   trained = sorted((e.template, e.record_index, tuple(e.ids[e.weights == 0].tolist()))
                    for e in prepared.examples("test"))
@@ -123,7 +123,8 @@ def test_items_are_the_examples_training_evaluates_with_the_same_prompts(inputs)
 def test_few_shot_prompts_use_train_examples_within_the_budget(inputs):
   c = _config(inputs)
   tokenizer = load.open_pretrained(c.model.path).load_tokenizer()
-  items, selections, _ = task_eval.build_items(c, tokenizer, "test")
+  selections = task_eval.select(c, ["test"])["test"]
+  items, _ = task_eval.build_items(c, tokenizer, "test", selections)
   item = items[0]
   train_texts = {r["text"] for r in selections[0].source.splits["train"]}
   few = task_eval.FewShot(tokenizer, selections, k=3, chat=False, seq_len=c.data.seq_len,

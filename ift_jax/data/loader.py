@@ -104,25 +104,28 @@ class EvalSelection:
   pairs: list[tuple[int, str]]  # (record index in the split, template name), record-major
 
 
-def select_eval(source_specs: Sequence[str], *, templates_spec: str, split: str, seed: int,
+def select_eval(source_specs: Sequence[str], *, templates_spec: str, splits: Sequence[str], seed: int,
                 validation_fraction: float, test_fraction: float, skip_malformed: bool,
-                cap: int) -> list[EvalSelection]:
-  """The (record, template) pairs of an eval split that `prepare` evaluates, per source, with every record.
+                cap: int) -> dict[str, list[EvalSelection]]:
+  """Per eval split, the (record, template) pairs `prepare` evaluates, per source; each source is read once.
 
   `ift-jax eval` scores generations on exactly the examples whose teacher-forced metrics training logged.
   """
-  if split == "train":
+  if "train" in splits:
     raise ValueError("select_eval picks validation or test pairs")
   all_templates = templates.load_templates(templates_spec)
-  out, offset = [], 0
+  out: dict[str, list[EvalSelection]] = {split: [] for split in splits}
+  offsets = dict.fromkeys(splits, 0)  # as in `prepare`: example indices continue across sources
   for spec in source_specs:
     src = sources.load_source(spec, seed=seed, validation_fraction=validation_fraction,
                               test_fraction=test_fraction, skip_malformed=skip_malformed)
     chosen = templates.templates_for(all_templates, src.name)
-    names, records = sorted(chosen), src.splits[split]
-    keep = _capped(len(records), len(names), cap, per_template=True, seed=seed + offset)
-    out.append(EvalSelection(src, chosen, [(i // len(names), names[i % len(names)]) for i in keep]))
-    offset += len(records) * len(names)
+    names = sorted(chosen)
+    for split in splits:
+      records = src.splits[split]
+      keep = _capped(len(records), len(names), cap, per_template=True, seed=seed + offsets[split])
+      out[split].append(EvalSelection(src, chosen, [(i // len(names), names[i % len(names)]) for i in keep]))
+      offsets[split] += len(records) * len(names)
   return out
 
 
