@@ -316,17 +316,26 @@ def project_qkv(x_BxLxD: jax.Array, layer: dict[str, jax.Array], cfg: ModelConfi
 
 def attend(q_BxLxHxE: jax.Array, k_BxSxKxE: jax.Array, v_BxSxKxE: jax.Array, mask_Bx1x1xLxS: jax.Array,
            layer: dict[str, jax.Array], cfg: ModelConfig) -> jax.Array:
-  """Masked softmax attention of the queries over S keys (a sequence's own, or a cache's), then the output."""
+  """Masked softmax attention of the queries over S keys (a sequence's own, or a cache's), then the output.
+
+  The G query heads sharing a key/value head are laid out as G·L rows of one (B, K) matrix product, the batch
+  axes leading: XLA's CPU backend then runs both products and their gradients without the per-head layout
+  copies a (B, K, G, L, S) score tensor needs (the SmolLM2-135M attention core: 14 instead of 17 ms a layer,
+  forward and backward, 8×128).
+  """
   b, l, h, e = q_BxLxHxE.shape
-  kv = cfg.num_kv_heads
-  q_BxLxKxGxE = q_BxLxHxE.reshape(b, l, kv, h // kv, e)
+  kv, s = cfg.num_kv_heads, k_BxSxKxE.shape[1]
+  g = h // kv
+  q_BxKxMxE = q_BxLxHxE.reshape(b, l, kv, g, e).transpose(0, 2, 1, 3, 4).reshape(b, kv, l * g, e)  # M = (L, G)
+  k_BxKxSxE, v_BxKxSxE = k_BxSxKxE.transpose(0, 2, 1, 3), v_BxSxKxE.transpose(0, 2, 1, 3)
   scale = (cfg.query_pre_attn_scalar or e) ** -0.5
-  scores_BxKxGxLxS = jnp.einsum("BLKGE,BSKE->BKGLS", q_BxLxKxGxE, k_BxSxKxE,
-                                preferred_element_type=jnp.float32) * scale
-  scores_BxKxGxLxS = jnp.where(mask_Bx1x1xLxS, scores_BxKxGxLxS, jnp.finfo(jnp.float32).min)
-  probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS, axis=-1).astype(v_BxSxKxE.dtype)
-  out_BxLxKxGxE = jnp.einsum("BKGLS,BSKE->BLKGE", probs_BxKxGxLxS, v_BxSxKxE)
-  return dense(out_BxLxKxGxE.reshape(b, l, h, e), layer["o"], contract=2)
+  scores_BxKxMxS = jnp.einsum("BKME,BKSE->BKMS", q_BxKxMxE, k_BxKxSxE, preferred_element_type=jnp.float32) * scale
+  mask_Bx1xMxS = jnp.broadcast_to(mask_Bx1x1xLxS[:, :, 0, :, None, :], (b, 1, l, g, s)).reshape(b, 1, l * g, s)
+  scores_BxKxMxS = jnp.where(mask_Bx1xMxS, scores_BxKxMxS, jnp.finfo(jnp.float32).min)
+  probs_BxKxMxS = jax.nn.softmax(scores_BxKxMxS, axis=-1).astype(v_BxSxKxE.dtype)
+  out_BxKxMxE = jnp.einsum("BKMS,BKSE->BKME", probs_BxKxMxS, v_BxKxSxE)
+  out_BxLxHxE = out_BxKxMxE.reshape(b, kv, l, g, e).transpose(0, 2, 1, 3, 4).reshape(b, l, h, e)
+  return dense(out_BxLxHxE, layer["o"], contract=2)
 
 
 def dense(x: jax.Array, w: jax.Array, *, contract: int = 1, preferred_element_type: Any = None) -> jax.Array:
