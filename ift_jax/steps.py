@@ -40,15 +40,17 @@ class ModelRunner:
                  scan_layers=self.scan_layers)
 
   def loss_sums(self, params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """losses.weighted_sums of the batch, from the whole logits or `loss_chunk` positions at a time."""
+    """losses.weighted_sums of the batch: from the whole logits, or (`loss_chunk` > 0) from the fused
+    chunked cross-entropy, which skips unweighted positions and never holds the whole logits."""
     if not self.loss_chunk:
       return losses.weighted_sums(self.logits(params, batch), batch["targets"], batch["weights"])
     model = nnx.merge(self.graphdef, nnx.State(params))
     x_BxLxD = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"],
                            compute_dtype=self.compute_dtype, remat=self.remat, attention=self.attention,
                            scan_layers=self.scan_layers)
-    return losses.chunked_weighted_sums(lambda x: model.head(x, self.compute_dtype), x_BxLxD, batch["targets"],
-                                        batch["weights"], self.loss_chunk)
+    head_w, vocab_major = model.unembedding(self.compute_dtype)
+    return losses.fused_head_sums(model.final_normed(x_BxLxD), head_w, batch["targets"], batch["weights"],
+                                  self.loss_chunk, vocab_major=vocab_major, softcap=model.cfg.final_softcap)
 
 
 def make_train_step(runner: ModelRunner, optimizer: optax.GradientTransformation,

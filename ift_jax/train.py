@@ -60,8 +60,9 @@ def validate_config(c: Any) -> None:
   if model_option(c, "attention") not in ATTENTION:
     raise UserError(f"model.attention={model_option(c, 'attention')!r}: use one of {', '.join(ATTENTION)}")
   chunk = model_option(c, "loss_chunk")
-  if chunk < 0 or (chunk and c.data.seq_len % chunk):
-    raise UserError(f"model.loss_chunk={chunk}: use 0 (whole rows) or a divisor of data.seq_len={c.data.seq_len}")
+  if chunk < 0 or chunk > c.data.seq_len:
+    raise UserError(f"model.loss_chunk={chunk}: use 0 (whole-row logits) or 1..data.seq_len={c.data.seq_len} "
+                    "positions per fused cross-entropy chunk")
   if c.data.seq_len < 8:
     raise UserError(f"data.seq_len={c.data.seq_len}: use at least 8 tokens")
   if c.train.steps <= 0 and c.train.epochs <= 0:

@@ -105,11 +105,14 @@ def test_bfloat16_compute_tracks_float32():
   assert f32[0]["loss"] != bf16[0]["loss"]  # the compute really ran in bfloat16
 
 
-@pytest.mark.parametrize("mesh", ["single", "2x2x2"])
-def test_chunked_cross_entropy_matches_whole_logits(mesh):
+@pytest.mark.parametrize("mesh,chunk,accum", [("single", 4, 1), ("2x2x2", 4, 1), ("2x2x2", 5, 2)])
+def test_fused_chunked_cross_entropy_matches_whole_logits(mesh, chunk, accum):
+  """The fused loss (targets moved to the front, empty chunks skipped, gradients made in the forward pass) =
+  autodiff through the whole logits: on a vocabulary-sharded mesh, with a chunk that does not divide the rows,
+  and with gradient accumulation."""
   batch = _batch()
   make = _single if mesh == "single" else lambda: sharding.make_mesh(data=2, fsdp=2, tensor=2)
-  _assert_same(_run(make(), batch, 1, loss_chunk=4), _run(make(), batch, 1), 2e-5)
+  _assert_same(_run(make(), batch, accum, loss_chunk=chunk), _run(make(), batch, 1), 2e-5)
 
 
 def test_jax_dot_product_attention_keeps_packed_examples_apart():

@@ -147,8 +147,10 @@ def main() -> None:
   ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
   ap.add_argument("--remat", default="none", choices=["none", "full", "dots"])
   ap.add_argument("--attention", default="einsum", choices=["einsum", "jax", "cudnn"])
-  ap.add_argument("--loss-chunk", type=int, default=0, help="positions per cross-entropy chunk; 0 = whole rows")
-  ap.add_argument("--scan-layers", type=int, default=1, help="1: layers under lax.scan; 0: unrolled")
+  # Defaults = the trainer's default config (ift_jax/configs/default.py).
+  ap.add_argument("--loss-chunk", type=int, default=32,
+                  help="positions per fused cross-entropy chunk; 0 = whole-row logits")
+  ap.add_argument("--scan-layers", type=int, default=0, help="1: layers under lax.scan; 0: unrolled")
   ap.add_argument("--lengths", default="", help="realistic SFT: a JSON of real (prompt, completion) lengths")
   ap.add_argument("--data", type=int, default=-1)
   ap.add_argument("--fsdp", type=int, default=1)

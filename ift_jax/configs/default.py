@@ -17,7 +17,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.remat = "none"  # none | full | dots: recompute activations in the backward pass to save memory
   c.model.attention = "einsum"  # einsum (any backend) | jax (jax.nn.dot_product_attention) | cudnn (GPU flash)
   c.model.scan_layers = False  # True: one compiled layer in a loop (fast compiles for deep models); False: unrolled
-  c.model.loss_chunk = 0  # positions per cross-entropy chunk (a divisor of seq_len); 0 = whole-row logits
+  # positions per fused cross-entropy chunk: logits never whole, unweighted positions skipped; 0 = whole-row logits
+  c.model.loss_chunk = 32
 
   c.data = ml_collections.ConfigDict()
   # comma-separated: catalog names (amazon_reviews, rotten_tomatoes, imdb, boolq, xsum), files, folders, hf:NAME

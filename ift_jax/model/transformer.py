@@ -143,13 +143,22 @@ class Transformer(nnx.Module):
 
   def head(self, x_BxLxD: jax.Array, compute_dtype: Any) -> jax.Array:
     """Final norm, unembedding and (Gemma) soft-capping: float32 logits_BxLxV of hidden states."""
-    cfg = self.cfg
-    x_BxLxD = rms_norm(x_BxLxD, self.final_norm[...], cfg.rms_norm_eps, plus_one=cfg.norm_plus_one)
-    head_DxV = self.embed[...].T if cfg.tie_word_embeddings else self.lm_head[...]
-    logits_BxLxV = dense(x_BxLxD, head_DxV.astype(compute_dtype), preferred_element_type=jnp.float32)
-    if cfg.final_softcap is not None:
-      logits_BxLxV = softcap(logits_BxLxV, cfg.final_softcap)
+    x_BxLxD = self.final_normed(x_BxLxD)
+    head_w, vocab_major = self.unembedding(compute_dtype)
+    head_DxV = head_w.T if vocab_major else head_w
+    logits_BxLxV = dense(x_BxLxD, head_DxV, preferred_element_type=jnp.float32)
+    if self.cfg.final_softcap is not None:
+      logits_BxLxV = softcap(logits_BxLxV, self.cfg.final_softcap)
     return sharding.constrain(logits_BxLxV, ("batch", "length", "vocab"))
+
+  def final_normed(self, x_BxLxD: jax.Array) -> jax.Array:
+    return rms_norm(x_BxLxD, self.final_norm[...], self.cfg.rms_norm_eps, plus_one=self.cfg.norm_plus_one)
+
+  def unembedding(self, compute_dtype: Any) -> tuple[jax.Array, bool]:
+    """(the matrix that turns hidden states into logits, True when it is stored (V, D): the tied embedding)."""
+    if self.cfg.tie_word_embeddings:
+      return self.embed[...].astype(compute_dtype), True
+    return self.lm_head[...].astype(compute_dtype), False
 
 
 CACHE_AXES = {"k": ("layers", "batch", "length", "kv_heads", "head_dim"),
