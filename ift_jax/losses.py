@@ -82,7 +82,7 @@ def fused_head_sums(x_BxLxD: jax.Array, head_w: jax.Array, targets_BxL: jax.Arra
     x_BxLxD = jnp.pad(x_BxLxD, ((0, 0), (0, pad), (0, 0)))
     targets_BxL, weights_BxL = (jnp.pad(a, ((0, 0), (0, pad))) for a in (targets_BxL, weights_BxL))
   n = (l + pad) // chunk
-  order_BxL = jnp.argsort((weights_BxL <= 0).astype(jnp.int32), axis=1, stable=True)
+  order_BxL = jnp.argsort((weights_BxL == 0).astype(jnp.int32), axis=1, stable=True)
   x_BxLxD = jnp.take_along_axis(x_BxLxD, order_BxL[..., None], axis=1)
   targets_BxL, weights_BxL = (jnp.take_along_axis(a, order_BxL, axis=1) for a in (targets_BxL, weights_BxL))
 
@@ -138,7 +138,7 @@ def _fused_forward(x_NxBxCxD, head_w, targets_NxBxC, weights_NxBxC, vocab_major,
 
   def body(carry, xs):
     dw, loss, correct = carry
-    dw, chunk_loss, chunk_correct, dx_BxCxD = jax.lax.cond(jnp.any(xs[2] > 0), compute, skip, dw, *xs)
+    dw, chunk_loss, chunk_correct, dx_BxCxD = jax.lax.cond(jnp.any(xs[2] != 0), compute, skip, dw, *xs)
     return (dw, loss + chunk_loss, correct + chunk_correct), dx_BxCxD
 
   zero = jnp.zeros((), jnp.float32)
