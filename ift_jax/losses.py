@@ -104,13 +104,10 @@ def _fused_forward(x_NxBxCxD, head_w, targets_NxBxC, weights_NxBxC, vocab_major,
   d = x_NxBxCxD.shape[-1]
   contract_w = 1 if vocab_major else 0  # the head's D axis
 
-  def logits_of(x_TxD):
-    return jax.lax.dot_general(x_TxD, head_w, (((1,), (contract_w,)), ((), ())),
-                               preferred_element_type=jnp.float32)
-
   def compute(dw, x_BxCxD, targets_BxC, weights_BxC):
     x_TxD, targets_T, weights_T = x_BxCxD.reshape(-1, d), targets_BxC.reshape(-1), weights_BxC.reshape(-1)
-    logits_TxV = logits_of(x_TxD)
+    logits_TxV = jax.lax.dot_general(x_TxD, head_w, (((1,), (contract_w,)), ((), ())),
+                                     preferred_element_type=jnp.float32)
     if softcap is not None:
       logits_TxV = jnp.tanh(logits_TxV / softcap) * softcap
     max_T = jnp.max(logits_TxV, axis=-1)

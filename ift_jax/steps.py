@@ -35,9 +35,7 @@ class ModelRunner:
 
   def logits(self, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
     model = nnx.merge(self.graphdef, nnx.State(params))
-    return model(batch["inputs"], batch["positions"], batch["segment_ids"],
-                 compute_dtype=self.compute_dtype, remat=self.remat, attention=self.attention,
-                 scan_layers=self.scan_layers)
+    return model.head(self._hidden(model, batch), self.compute_dtype)
 
   def loss_sums(self, params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """losses.weighted_sums of the batch: from the whole logits, or (`loss_chunk` > 0) from the fused
@@ -45,12 +43,15 @@ class ModelRunner:
     if not self.loss_chunk:
       return losses.weighted_sums(self.logits(params, batch), batch["targets"], batch["weights"])
     model = nnx.merge(self.graphdef, nnx.State(params))
-    x_BxLxD = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"],
-                           compute_dtype=self.compute_dtype, remat=self.remat, attention=self.attention,
-                           scan_layers=self.scan_layers)
     head_w, vocab_major = model.unembedding(self.compute_dtype)
-    return losses.fused_head_sums(model.final_normed(x_BxLxD), head_w, batch["targets"], batch["weights"],
-                                  self.loss_chunk, vocab_major=vocab_major, softcap=model.cfg.final_softcap)
+    return losses.fused_head_sums(model.final_normed(self._hidden(model, batch)), head_w, batch["targets"],
+                                  batch["weights"], self.loss_chunk, vocab_major=vocab_major,
+                                  softcap=model.cfg.final_softcap)
+
+  def _hidden(self, model: Any, batch: dict[str, jax.Array]) -> jax.Array:
+    return model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"],
+                        compute_dtype=self.compute_dtype, remat=self.remat, attention=self.attention,
+                        scan_layers=self.scan_layers)
 
 
 def make_train_step(runner: ModelRunner, optimizer: optax.GradientTransformation,
