@@ -32,6 +32,7 @@ class ModelRunner:
   loss_chunk: int = 0  # positions per cross-entropy chunk in training; 0 = all logits at once
   attention: str = "einsum"  # see ift_jax.model.transformer.attention
   scan_layers: bool = True  # False unrolls the layer loop (see Transformer.hidden)
+  one_example_per_row: bool = False  # rows as pack(packed=False) lays them out (see Transformer.hidden)
 
   def logits(self, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
     model = nnx.merge(self.graphdef, nnx.State(params))
@@ -51,7 +52,7 @@ class ModelRunner:
   def _hidden(self, model: Any, batch: dict[str, jax.Array]) -> jax.Array:
     return model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"],
                         compute_dtype=self.compute_dtype, remat=self.remat, attention=self.attention,
-                        scan_layers=self.scan_layers)
+                        scan_layers=self.scan_layers, one_example_per_row=self.one_example_per_row)
 
 
 def make_train_step(runner: ModelRunner, optimizer: optax.GradientTransformation,

@@ -57,6 +57,9 @@ def validate_config(c: Any) -> None:
     raise UserError(f"model.compute_dtype={c.model.compute_dtype!r}: use one of {', '.join(DTYPES)}")
   if c.model.remat not in ("none", "full", "dots"):
     raise UserError(f"model.remat={c.model.remat!r}: use none, full or dots")
+  if c.model.remat != "none" and not model_option(c, "scan_layers"):
+    raise UserError(f"model.remat={c.model.remat!r} needs model.scan_layers=True (unrolled layers are not "
+                    "rematerialized: XLA keeps their activations); set both, or remat=none")
   if model_option(c, "attention") not in ATTENTION:
     raise UserError(f"model.attention={model_option(c, 'attention')!r}: use one of {', '.join(ATTENTION)}")
   chunk = model_option(c, "loss_chunk")
@@ -126,7 +129,7 @@ def _compile(c: Any, mesh: Any, cfg: Any, *, total_steps: int, num_slots: int):
       weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, clip_norm=o.clip_norm)
   runner = steps.ModelRunner(graphdef, compute_dtype=DTYPES[c.model.compute_dtype], remat=c.model.remat,
                              loss_chunk=model_option(c, "loss_chunk"), attention=model_option(c, "attention"),
-                             scan_layers=model_option(c, "scan_layers"))
+                             scan_layers=model_option(c, "scan_layers"), one_example_per_row=not c.data.packing)
   compiled = steps.jit_steps(runner, optimizer, schedule, mesh=mesh, abstract_params=abstract_params,
                              param_shardings=param_sh, num_slots=num_slots,
                              skip_nonfinite=c.train.skip_nonfinite)

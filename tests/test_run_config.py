@@ -67,6 +67,7 @@ def test_epochs_set_the_step_count_and_the_loader_walks_them(inputs, tmp_path):
     (dict(mesh__data=3), r"mesh: data×fsdp×tensor = \[3, 1, 1\] does not divide the 8 devices"),
     (dict(mesh__data=4, mesh__fsdp=2, train__batch_size=12), r"train.batch_size=12 must divide by 8"),
     (dict(model__compute_dtype="fp8"), r"model.compute_dtype='fp8'"),
+    (dict(model__remat="full", model__scan_layers=False), r"model.remat='full' needs model.scan_layers=True"),
     (dict(model__path="/nonexistent/model"), r"model.path='/nonexistent/model': not a folder"),
 ])
 def test_bad_config_is_refused_by_name(inputs, tmp_path, overrides, message):

@@ -28,7 +28,7 @@ def _batch(rows=8, length=16, seed=0):
 
 
 def _run(mesh, batch, accum, n_steps=2, compute_dtype=jnp.float32, remat="none", loss_chunk=0,
-         attention="einsum", scan_layers=True):
+         attention="einsum", scan_layers=True, one_example_per_row=False):
   optimizer = optim.make_optimizer(lr=1e-2, warmup_steps=1, total_steps=10, end_lr_ratio=0.1, weight_decay=0.1,
                                    b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0)
   schedule = optim.learning_rate_schedule(lr=1e-2, warmup_steps=1, total_steps=10, end_lr_ratio=0.1)
@@ -36,7 +36,7 @@ def _run(mesh, batch, accum, n_steps=2, compute_dtype=jnp.float32, remat="none",
   param_sh = load.param_shardings(mesh, CFG)
   params = jax.device_put(jax.device_get(load.init_params(CFG, mesh, seed=0)), param_sh)
   runner = steps.ModelRunner(graphdef, compute_dtype=compute_dtype, remat=remat, loss_chunk=loss_chunk,
-                             attention=attention, scan_layers=scan_layers)
+                             attention=attention, scan_layers=scan_layers, one_example_per_row=one_example_per_row)
   compiled = steps.jit_steps(runner, optimizer, schedule, mesh=mesh, abstract_params=abstract,
                              param_shardings=param_sh, num_slots=4)
   state = compiled.init(params)
@@ -124,3 +124,52 @@ def test_jax_dot_product_attention_keeps_packed_examples_apart():
 def test_unrolled_layers_match_the_scanned_loop():
   batch = _batch()
   _assert_same(_run(_single(), batch, 2, scan_layers=False), _run(_single(), batch, 2), 2e-5)
+
+
+def _unpacked_batch(rows=8, length=16, seed=1):
+  """One example per row from position 0, then padding (pack(packed=False)'s layout); one row is full."""
+  batch = _batch(rows, length, seed)
+  lengths = np.random.default_rng(seed).integers(3, length, size=rows)
+  lengths[0] = length
+  real = np.arange(length)[None] < lengths[:, None]
+  batch["segment_ids"] = real.astype(np.int32)
+  batch["positions"] = np.where(real, np.arange(length)[None], 0).astype(np.int32)
+  batch["weights"] = np.where(real, batch["weights"], 0).astype(np.float32)
+  return batch
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_row_lengths_instead_of_a_mask_on_unpacked_rows(scan_layers):
+  """One example per row: jax.nn.dot_product_attention given row lengths (causal + key padding, no dense mask)
+  = the spelled-out masked attention, padding rows' finite junk included (it must not reach the gradients)."""
+  batch = _unpacked_batch()
+  _assert_same(_run(_single(), batch, 1, attention="jax", one_example_per_row=True, scan_layers=scan_layers),
+               _run(_single(), batch, 1), 2e-5)
+
+
+def _temp_bytes(remat, scan_layers):
+  graphdef, abstract, _ = load.abstract_model(CFG)
+  mesh = _single()
+  param_sh = load.param_shardings(mesh, CFG)
+  optimizer = optim.make_optimizer(lr=1e-2, warmup_steps=1, total_steps=10, end_lr_ratio=0.1, weight_decay=0.1,
+                                   b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0)
+  schedule = optim.learning_rate_schedule(lr=1e-2, warmup_steps=1, total_steps=10, end_lr_ratio=0.1)
+  runner = steps.ModelRunner(graphdef, compute_dtype=jnp.float32, remat=remat, scan_layers=scan_layers)
+  compiled = steps.jit_steps(runner, optimizer, schedule, mesh=mesh, abstract_params=abstract,
+                             param_shardings=param_sh, num_slots=4)
+  state = jax.eval_shape(compiled.init, abstract)
+  batch = {k: jax.ShapeDtypeStruct((1, 8, 256), v.dtype) for k, v in _batch().items()}
+  return compiled.train.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_full_rematerialization_keeps_fewer_activations():
+  """remat="full" really recomputes under the scanned layer loop: the compiled step's temporaries shrink."""
+  assert _temp_bytes("full", True) < 0.6 * _temp_bytes("none", True)
+
+
+def test_rematerialization_of_unrolled_layers_is_refused():
+  """Unrolled, XLA keeps the activations it was told to recompute (temporaries 2 % smaller, not 57 %): saying
+  so beats a remat setting that silently saves no memory."""
+  with pytest.raises(ValueError, match="needs model.scan_layers=True"):
+    _temp_bytes("full", False)
+

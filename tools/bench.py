@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> dict:
                                    weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0)
   runner = steps.ModelRunner(graphdef, compute_dtype=jnp.dtype(args.dtype), remat=args.remat,
                              loss_chunk=args.loss_chunk, attention=args.attention,
-                             scan_layers=bool(args.scan_layers))
+                             scan_layers=bool(args.scan_layers), one_example_per_row=not args.lengths)
   compiled = steps.jit_steps(runner, optimizer, schedule, mesh=mesh, abstract_params=abstract,
                              param_shardings=param_sh, num_slots=2)
   state = compiled.init(load.init_params(cfg, mesh, seed=0))
@@ -128,6 +128,7 @@ def run(args: argparse.Namespace) -> dict:
                  examples_per_step=round(sum(int(b["segment_ids"].max(axis=-1).sum()) for b in timed) / len(timed), 1))
   stats = jax.devices()[0].memory_stats() or {}
   return dict(impl="ift-jax", model=args.model, batch=args.batch, seq=args.seq, dtype=args.dtype,
+              rows="packed" if args.lengths else "one example each",
               remat=args.remat, attention=args.attention, loss_chunk=args.loss_chunk,
               scan_layers=bool(args.scan_layers), **extra,
               step_s=round(step_s, 4), tokens_per_s=round(tokens_per_s, 1),
