@@ -6,6 +6,7 @@ Shape letters: B batch rows, L length, V vocabulary, S segment slots per row.
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -15,10 +16,10 @@ from ift_jax import sharding
 
 def token_cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
   """-log p(target) per position, in float32 (the log-sum-exp is taken in float32 whatever the logits' dtype)."""
-  return _cross_entropy_and_hit(logits_BxLxV, targets_BxL)[0]
+  return cross_entropy_and_hit(logits_BxLxV, targets_BxL)[0]
 
 
-def _cross_entropy_and_hit(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
+def cross_entropy_and_hit(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(-log p(target), 1.0 where the target has the highest logit) per position, in float32.
 
   The hit reuses the log-sum-exp's max instead of a separate argmax pass over the vocabulary (a tie for the top
@@ -37,7 +38,7 @@ def weighted_sums(logits_BxLxV: jax.Array, targets_BxL: jax.Array, weights_BxL: 
   Sums rather than means, so the caller divides once by the global target count: then micro-batching and any
   mesh give the same value as one big batch.
   """
-  ce_BxL, correct_BxL = _cross_entropy_and_hit(logits_BxLxV, targets_BxL)
+  ce_BxL, correct_BxL = cross_entropy_and_hit(logits_BxLxV, targets_BxL)
   return {
       "loss": jnp.sum(ce_BxL * weights_BxL),
       "correct": jnp.sum(correct_BxL * weights_BxL),
@@ -52,13 +53,39 @@ def per_segment_sums(logits_BxLxV: jax.Array, targets_BxL: jax.Array, weights_Bx
   Slot s of row b holds the example with segment id s (slot 0 collects padding, which has weight 0). Reduced
   on device with a segment sum, so only B×S numbers per batch ever reach the host — never the logits.
   """
-  b, l = targets_BxL.shape
-  ce_BxL, correct_BxL = _cross_entropy_and_hit(logits_BxLxV, targets_BxL)
+  ce_BxL, correct_BxL = cross_entropy_and_hit(logits_BxLxV, targets_BxL)
+  return segment_sums(ce_BxL, correct_BxL, weights_BxL, segment_ids_BxL, num_slots)
+
+
+def segment_sums(ce_BxL: jax.Array, correct_BxL: jax.Array, weights_BxL: jax.Array, segment_ids_BxL: jax.Array,
+                 num_slots: int) -> dict[str, jax.Array]:
+  """per_segment_sums of per-position cross-entropies and hits (from whole or chunked logits)."""
+  b = ce_BxL.shape[0]
   slot_BxL = segment_ids_BxL + num_slots * jnp.arange(b)[:, None]
   def reduce(values_BxL):
     return jax.ops.segment_sum((values_BxL * weights_BxL).reshape(-1), slot_BxL.reshape(-1),
                                num_segments=b * num_slots).reshape(b, num_slots)
   return {"loss": reduce(ce_BxL), "correct": reduce(correct_BxL), "weight": reduce(jnp.ones_like(ce_BxL))}
+
+
+def chunked_token_losses(logits_fn: Callable[[jax.Array], jax.Array], x_BxLxD: jax.Array, targets_BxL: jax.Array,
+                         chunk: int) -> tuple[jax.Array, jax.Array]:
+  """Per-position (cross-entropy, hit) of logits_fn(x), `chunk` positions at a time, for evaluation.
+
+  The same numbers as cross_entropy_and_hit of the whole logits, but never more than B×chunk×V float32 logits
+  exist at once (llama-1b at 8×2048: 8.4 GB whole), so evaluation fits wherever training does. Forward only.
+  """
+  b, l, d = x_BxLxD.shape
+  pad = -l % chunk
+  x_BxLxD = jnp.pad(x_BxLxD, ((0, 0), (0, pad), (0, 0)))
+  targets_BxL = jnp.pad(targets_BxL, ((0, 0), (0, pad)))
+  n = (l + pad) // chunk
+  x_NxBxCxD = x_BxLxD.reshape(b, n, chunk, d).swapaxes(0, 1)
+  targets_NxBxC = targets_BxL.reshape(b, n, chunk).swapaxes(0, 1)
+  ce_NxBxC, hit_NxBxC = jax.lax.map(lambda xt: cross_entropy_and_hit(logits_fn(xt[0]), xt[1]),
+                                    (x_NxBxCxD, targets_NxBxC))
+  unchunk = lambda a_NxBxC: a_NxBxC.swapaxes(0, 1).reshape(b, n * chunk)[:, :l]
+  return unchunk(ce_NxBxC), unchunk(hit_NxBxC)
 
 
 def fused_head_sums(x_BxLxD: jax.Array, head_w: jax.Array, targets_BxL: jax.Array, weights_BxL: jax.Array,

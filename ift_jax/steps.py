@@ -29,7 +29,7 @@ class ModelRunner:
   graphdef: nnx.GraphDef
   compute_dtype: Any = jnp.bfloat16
   remat: str = "none"
-  loss_chunk: int = 0  # positions per cross-entropy chunk in training; 0 = all logits at once
+  loss_chunk: int = 0  # positions per cross-entropy chunk (training and evaluation); 0 = all logits at once
   attention: str = "einsum"  # see ift_jax.model.transformer.attention
   scan_layers: bool = True  # False unrolls the layer loop (see Transformer.hidden)
   one_example_per_row: bool = False  # rows as pack(packed=False) lays them out (see Transformer.hidden)
@@ -48,6 +48,14 @@ class ModelRunner:
     return losses.fused_head_sums(model.final_normed(self._hidden(model, batch)), head_w, batch["targets"],
                                   batch["weights"], self.loss_chunk, vocab_major=vocab_major,
                                   softcap=model.cfg.final_softcap)
+
+  def token_losses(self, params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Per-position (cross-entropy, hit) for evaluation: from `loss_chunk`-position chunks of logits when set."""
+    if not self.loss_chunk:
+      return losses.cross_entropy_and_hit(self.logits(params, batch), batch["targets"])
+    model = nnx.merge(self.graphdef, nnx.State(params))
+    return losses.chunked_token_losses(lambda x: model.head(x, self.compute_dtype), self._hidden(model, batch),
+                                       batch["targets"], self.loss_chunk)
 
   def _hidden(self, model: Any, batch: dict[str, jax.Array]) -> jax.Array:
     return model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"],
@@ -111,9 +119,8 @@ def make_eval_step(runner: ModelRunner, num_slots: int) -> Callable:
   """Returns eval_step(params, batch) -> per-example sums, each (B, num_slots); see losses.per_segment_sums."""
 
   def eval_step(params, batch):
-    logits_BxLxV = runner.logits(params, batch)
-    return losses.per_segment_sums(logits_BxLxV, batch["targets"], batch["weights"], batch["segment_ids"],
-                                   num_slots)
+    ce_BxL, correct_BxL = runner.token_losses(params, batch)
+    return losses.segment_sums(ce_BxL, correct_BxL, batch["weights"], batch["segment_ids"], num_slots)
 
   return eval_step
 

@@ -60,8 +60,8 @@ def validate_config(c: Any) -> None:
   if c.model.remat != "none" and not model_option(c, "scan_layers"):
     raise UserError(f"model.remat={c.model.remat!r} needs model.scan_layers=True (unrolled layers are not "
                     "rematerialized: XLA keeps their activations); set both, or remat=none")
-  if model_option(c, "attention") not in ATTENTION:
-    raise UserError(f"model.attention={model_option(c, 'attention')!r}: use one of {', '.join(ATTENTION)}")
+  if model_option(c, "attention") not in ("auto", *ATTENTION):
+    raise UserError(f"model.attention={model_option(c, 'attention')!r}: use auto or one of {', '.join(ATTENTION)}")
   chunk = model_option(c, "loss_chunk")
   if chunk < 0 or chunk > c.data.seq_len:
     raise UserError(f"model.loss_chunk={chunk}: use 0 (whole-row logits) or 1..data.seq_len={c.data.seq_len} "
@@ -81,6 +81,16 @@ def validate_config(c: Any) -> None:
 
 # For configs saved before these fields existed.
 _MODEL_DEFAULTS = {"attention": "einsum", "loss_chunk": 0, "scan_layers": True}
+
+
+def attention_implementation(c: Any, cfg: Any) -> str:
+  """model.attention, with "auto" resolved: cuDNN's flash attention on NVIDIA GPUs computing in 16 bits with heads
+  of at most 128 (what every cuDNN 9 takes), else the spelled-out attention (the fastest on CPU)."""
+  option = model_option(c, "attention")
+  if option != "auto":
+    return option
+  cudnn_fits = c.model.compute_dtype in ("bfloat16", "float16") and cfg.head_dim <= 128 and cfg.head_dim % 8 == 0
+  return "cudnn" if jax.devices()[0].platform == "gpu" and cudnn_fits else "einsum"
 
 
 def model_option(c: Any, key: str) -> Any:
@@ -128,7 +138,7 @@ def _compile(c: Any, mesh: Any, cfg: Any, *, total_steps: int, num_slots: int):
       lr=o.lr, warmup_steps=o.warmup_steps, total_steps=total_steps, end_lr_ratio=o.end_lr_ratio,
       weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, clip_norm=o.clip_norm)
   runner = steps.ModelRunner(graphdef, compute_dtype=DTYPES[c.model.compute_dtype], remat=c.model.remat,
-                             loss_chunk=model_option(c, "loss_chunk"), attention=model_option(c, "attention"),
+                             loss_chunk=model_option(c, "loss_chunk"), attention=attention_implementation(c, cfg),
                              scan_layers=model_option(c, "scan_layers"), one_example_per_row=not c.data.packing)
   compiled = steps.jit_steps(runner, optimizer, schedule, mesh=mesh, abstract_params=abstract_params,
                              param_shardings=param_sh, num_slots=num_slots,
@@ -149,7 +159,9 @@ def dry_run(c: Any) -> dict[str, Any]:
   need = lambda rows: _step_bytes(compiled, abstract_state, mesh, rows, c)
   limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")  # None on CPU
   report = {"batch_size": c.train.batch_size, "seq_len": c.data.seq_len,
-            "bytes_per_device": need(c.train.batch_size), "device_bytes_limit": limit}
+            "bytes_per_device": need(c.train.batch_size), "device_bytes_limit": limit,
+            "eval_batch_size": c.train.eval_batch_size,
+            "eval_bytes_per_device": _eval_bytes(compiled, abstract_state["params"], mesh, c)}
   if limit:  # the configured batch doubled while it fits (doubling keeps every divisibility rule)
     rows = c.train.batch_size
     while rows < 2**16 and need(rows * 2) <= limit:
@@ -166,6 +178,16 @@ def _step_bytes(compiled: steps.CompiledSteps, abstract_state: Any, mesh: Any, r
   m = compiled.train.lower(abstract_state, batch).compile().memory_analysis()
   # Donated state buffers are reused for the outputs (alias), so they count once.
   return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
+def _eval_bytes(compiled: steps.CompiledSteps, abstract_params: Any, mesh: Any, c: Any) -> int:
+  """The eval step's per-device memory at train.eval_batch_size (its logits are chunked like training's)."""
+  batch_sh = sharding.batch_sharding(mesh)
+  batch = {k: jax.ShapeDtypeStruct((c.train.eval_batch_size, c.data.seq_len),
+                                   jnp.float32 if k == "weights" else jnp.int32, sharding=batch_sh)
+           for k in steps.BATCH_KEYS}
+  m = compiled.eval.lower(abstract_params, batch).compile().memory_analysis()
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
 
 
 def holdout_templates(c: Any) -> list[str]:

@@ -142,6 +142,8 @@ def test_dry_run_reports_per_device_memory_that_grows_with_the_batch(inputs):
       load.abstract_model(load.open_pretrained(inputs[0].as_posix()).cfg)[1]))
   assert small["bytes_per_device"] > 3 * 4 * n_params / 8  # at least the weights + 2 Adam moments, sharded
   assert large["bytes_per_device"] > small["bytes_per_device"]
+  # the eval step holds the (replicated-per-shard) weights but no optimizer state
+  assert 4 * n_params / 8 < small["eval_bytes_per_device"] < small["bytes_per_device"]
 
 
 def test_held_out_templates_are_evaluated_but_never_trained_on(inputs):
@@ -156,3 +158,18 @@ def test_held_out_templates_are_evaluated_but_never_trained_on(inputs):
   with pytest.raises(UserError, match="data.holdout_templates: 'reviews/ratings' is not a template of the data; "
                                       "use source/template names from reviews/rating, reviews/sentiment"):
     train.prepare_data(c, tokenizer)
+
+
+def test_auto_attention_picks_cudnn_only_where_it_runs(inputs, monkeypatch):
+  from types import SimpleNamespace
+  c = _config(inputs, model__compute_dtype="bfloat16")
+  assert c.model.attention == "auto"
+  cfg = SimpleNamespace(head_dim=64)
+  assert train.attention_implementation(c, cfg) == "einsum"  # CPU
+  monkeypatch.setattr(train.jax, "devices", lambda: [SimpleNamespace(platform="gpu")])
+  assert train.attention_implementation(c, cfg) == "cudnn"
+  assert train.attention_implementation(c, SimpleNamespace(head_dim=256)) == "einsum"  # beyond every cuDNN 9
+  c.model.compute_dtype = "float32"
+  assert train.attention_implementation(c, cfg) == "einsum"  # cuDNN's flash attention is 16-bit only
+  c.model.attention = "jax"
+  assert train.attention_implementation(c, cfg) == "jax"

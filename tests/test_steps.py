@@ -173,3 +173,43 @@ def test_rematerialization_of_unrolled_layers_is_refused():
   with pytest.raises(ValueError, match="needs model.scan_layers=True"):
     _temp_bytes("full", False)
 
+
+
+@pytest.mark.parametrize("mesh,chunk", [("single", 16), ("single", 5), ("2x2x2", 5)])
+def test_chunked_evaluation_matches_whole_logits(mesh, chunk):
+  """The eval step with loss_chunk (logits made `chunk` positions at a time, padded when the chunk does not
+  divide the rows) gives the whole-logits eval step's per-example sums, on one device and on a 2×2×2 mesh."""
+  make = _single if mesh == "single" else lambda: sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  batch = _batch()
+  sums = []
+  for loss_chunk in (0, chunk):
+    m = make()
+    graphdef, abstract, _ = load.abstract_model(CFG)
+    param_sh = load.param_shardings(m, CFG)
+    params = jax.device_put(jax.device_get(load.init_params(CFG, m, seed=0)), param_sh)
+    runner = steps.ModelRunner(graphdef, compute_dtype=jnp.float32, loss_chunk=loss_chunk)
+    optimizer = optim.make_optimizer(lr=1e-2, warmup_steps=1, total_steps=10, end_lr_ratio=0.1, weight_decay=0.1,
+                                     b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0)
+    schedule = optim.learning_rate_schedule(lr=1e-2, warmup_steps=1, total_steps=10, end_lr_ratio=0.1)
+    compiled = steps.jit_steps(runner, optimizer, schedule, mesh=m, abstract_params=abstract,
+                               param_shardings=param_sh, num_slots=4)
+    sums.append(jax.device_get(compiled.eval(params, batch)))
+  whole, chunked = sums
+  assert float(whole["weight"].sum()) > 0
+  for key in ("loss", "correct", "weight"):
+    np.testing.assert_allclose(chunked[key], whole[key], atol=2e-5, rtol=0, err_msg=key)
+
+
+def test_chunked_evaluation_never_holds_the_whole_logits():
+  """XLA's temporaries for the eval step shrink by about the whole logits (8 × 256 × 8192 float32 = 64 MiB)."""
+  cfg = ModelConfig.from_hf(dict(model_type="qwen2", vocab_size=8192, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+  graphdef, abstract, _ = load.abstract_model(cfg)
+  batch = {k: jax.ShapeDtypeStruct((8, 256), v.dtype) for k, v in _batch().items()}
+  temps = {}
+  for chunk in (0, 32):
+    runner = steps.ModelRunner(graphdef, compute_dtype=jnp.float32, loss_chunk=chunk)
+    step = jax.jit(steps.make_eval_step(runner, num_slots=4))
+    temps[chunk] = step.lower(abstract, batch).compile().memory_analysis().temp_size_in_bytes
+  logits_bytes = 8 * 256 * 8192 * 4
+  assert temps[0] > logits_bytes and temps[32] < temps[0] - 0.75 * logits_bytes, temps

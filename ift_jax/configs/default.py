@@ -15,7 +15,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.path = "smollm2-135m-instruct"  # catalog name, Hugging Face folder, or .gguf file
   c.model.compute_dtype = "bfloat16"  # activations and matmuls; master weights stay float32
   c.model.remat = "none"  # none | full | dots: recompute activations in the backward pass (needs scan_layers)
-  c.model.attention = "einsum"  # einsum (any backend) | jax (jax.nn.dot_product_attention) | cudnn (GPU flash)
+  # auto: cudnn on NVIDIA GPUs in bfloat16/float16, else einsum | einsum (any backend) | jax
+  # (jax.nn.dot_product_attention) | cudnn (cuDNN flash attention; GPU, 16-bit compute)
+  c.model.attention = "auto"
   c.model.scan_layers = False  # True: one compiled layer in a loop (fast compiles for deep models); False: unrolled
   # positions per fused cross-entropy chunk: logits never whole, unweighted positions skipped; 0 = whole-row logits
   c.model.loss_chunk = 32
