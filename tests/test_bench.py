@@ -18,3 +18,13 @@ def test_bench_realistic_lengths_reports_useful_tokens():
   # Real instruction lengths are skewed (median 48, mean 150 tokens): padding a batch of 8 to its longest wastes
   # most of it, packing wastes little.
   assert line["packing_efficiency"] > 0.7 > 0.5 > line["peer_padding_efficiency"], line
+
+
+def test_profile_step_sums_the_traced_operations():
+  out = subprocess.run(
+      [sys.executable, "tools/profile_step.py", "--model", "tiny", "--batch", "8", "--seq", "64", "--steps", "2",
+       "--warmup", "0", "--dtype", "float32", "--top", "5"],
+      cwd=ROOT, env={**ENV, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300, check=True)
+  lines = out.stdout.strip().splitlines()
+  assert lines[0].startswith("== ") and "ms of events per step" in lines[0], out.stdout
+  assert sum("ms/step" in line for line in lines) >= 5, out.stdout

@@ -17,6 +17,7 @@ Needs only jax, flax and optax (not datasets or ml_collections), so it runs on t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -85,7 +86,18 @@ def _sft_batches(path: str, vocab: int, batch: int, seq: int, count: int) -> tup
   return batches, peer
 
 
-def run(args: argparse.Namespace) -> dict:
+@dataclasses.dataclass
+class Setup:
+  """A compiled train step on a model shape with random weights, and its batches already on the devices."""
+  shape: dict
+  compiled: steps.CompiledSteps
+  state: dict
+  host: list[dict[str, np.ndarray]]  # 1 (compile) + warmup + steps batches
+  batches: list[dict[str, jax.Array]]
+  extra: dict  # the SFT mode's peer padding figures
+
+
+def build(args: argparse.Namespace) -> Setup:
   shape = SHAPES[args.model]
   cfg = ModelConfig.from_hf({"model_type": "llama", **shape, "max_position_embeddings": max(args.seq, 2048)})
   mesh = sharding.make_mesh(data=args.data, fsdp=args.fsdp, tensor=args.tensor)
@@ -106,6 +118,13 @@ def run(args: argparse.Namespace) -> dict:
   else:
     host = [_batch(cfg.vocab_size, args.batch, args.seq)] * (1 + args.warmup + args.steps)
   batches = [jax.device_put(b, steps.train_batch_sharding(mesh)) for b in host]  # placed before timing
+  return Setup(shape, compiled, state, host, batches, extra)
+
+
+def run(args: argparse.Namespace) -> dict:
+  setup = build(args)
+  shape, compiled, state, host, batches, extra = (setup.shape, setup.compiled, setup.state, setup.host,
+                                                  setup.batches, setup.extra)
   t0 = time.perf_counter()
   state, metrics = compiled.train(state, batches[0])
   jax.block_until_ready(metrics)
@@ -138,7 +157,7 @@ def run(args: argparse.Namespace) -> dict:
               jax=jax.__version__, device=jax.devices()[0].device_kind, devices=jax.device_count())
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--model", default="smollm2-135m", choices=sorted(SHAPES))
   ap.add_argument("--batch", type=int, default=8)
@@ -157,7 +176,11 @@ def main() -> None:
   ap.add_argument("--fsdp", type=int, default=1)
   ap.add_argument("--tensor", type=int, default=1)
   ap.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak (H100/H200 SXM: 989)")
-  print(json.dumps(run(ap.parse_args())), flush=True)
+  return ap
+
+
+def main() -> None:
+  print(json.dumps(run(parser().parse_args())), flush=True)
 
 
 if __name__ == "__main__":
