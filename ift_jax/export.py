@@ -225,9 +225,7 @@ def _restore_checkpoint_params(workdir: str, which: str, mesh: Any) -> tuple[loa
   try:
     saved = checkpointer.restore_config(step=which)
     pretrained = load.open_pretrained(saved["model"]["path"])
-    _, shapes, _ = load.abstract_model(pretrained.cfg)
-    target = ckpt.abstract_like(shapes, load.param_shardings(mesh, pretrained.cfg))
-    params, step = checkpointer.restore_params(target, step=which)
+    params, step = checkpointer.restore_params(load.sharded_abstract_params(pretrained.cfg, mesh), step=which)
   finally:
     checkpointer.close()
   return pretrained, params, f"{workdir} step {step}"

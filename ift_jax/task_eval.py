@@ -378,9 +378,7 @@ def _params(model: str, reader: checkpoint.Checkpointer, pretrained: load.Pretra
             ) -> tuple[Any, int]:
   if model == "base":
     return load.load_params(pretrained, mesh), 0
-  _, shapes, _ = load.abstract_model(pretrained.cfg)
-  target = checkpoint.abstract_like(shapes, load.param_shardings(mesh, pretrained.cfg))
-  params, step = reader.restore_params(target, step=model)
+  params, step = reader.restore_params(load.sharded_abstract_params(pretrained.cfg, mesh), step=model)
   return params, int(step)
 
 

@@ -86,6 +86,13 @@ def param_shardings(mesh: Mesh, cfg: ModelConfig) -> dict[str, Any]:
   return sharding.tree_shardings(mesh, axes, shapes)
 
 
+def sharded_abstract_params(cfg: ModelConfig, mesh: Mesh) -> dict[str, Any]:
+  """The parameters as ShapeDtypeStructs carrying their shardings on `mesh`: a checkpoint restore target."""
+  _, shapes, _ = abstract_model(cfg)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                      param_shardings(mesh, cfg))
+
+
 def load_params(pretrained: Pretrained, mesh: Mesh) -> dict[str, Any]:
   """Reads the pretrained weights into float32 master parameters, each placed directly in its sharding."""
   _, shapes, axes = abstract_model(pretrained.cfg)
