@@ -127,10 +127,11 @@ def test_unrolled_layers_match_the_scanned_loop():
 
 
 def _unpacked_batch(rows=8, length=16, seed=1):
-  """One example per row from position 0, then padding (pack(packed=False)'s layout); one row is full."""
+  """One example per row from position 0, then padding (pack(packed=False)'s layout); one row is full and one
+  is all padding (as loaders fill a short shard)."""
   batch = _batch(rows, length, seed)
   lengths = np.random.default_rng(seed).integers(3, length, size=rows)
-  lengths[0] = length
+  lengths[0], lengths[-1] = length, 0
   real = np.arange(length)[None] < lengths[:, None]
   batch["segment_ids"] = real.astype(np.int32)
   batch["positions"] = np.where(real, np.arange(length)[None], 0).astype(np.int32)

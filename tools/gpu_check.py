@@ -57,8 +57,10 @@ def _packed(rng: np.random.Generator) -> tuple[dict[str, np.ndarray], list[tuple
 
 
 def _unpacked(batch: dict[str, np.ndarray], spans: list[tuple[int, int, int]]) -> dict[str, np.ndarray]:
-  """Each example alone in its own row, then padding: pack(packed=False)'s layout."""
-  return {k: np.concatenate([_alone(batch, span)[k] for span in spans]) for k in batch}
+  """Each example alone in its own row, then padding (pack(packed=False)'s layout), and one all-padding row as
+  loaders add to a short shard."""
+  return {k: np.concatenate([_alone(batch, span)[k] for span in spans] + [np.zeros((1, LENGTH), v.dtype)])
+          for k, v in batch.items()}
 
 
 def _alone(batch: dict[str, np.ndarray], span: tuple[int, int, int]) -> dict[str, np.ndarray]:

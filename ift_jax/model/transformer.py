@@ -93,7 +93,9 @@ class Transformer(nnx.Module):
     context = attention_context(positions_BxL, segment_ids_BxL, cfg)
     lengths_B = None
     if one_example_per_row and attention != "einsum" and not any(cfg.layer_is_sliding):
-      lengths_B = jnp.sum(segment_ids_BxL > 0, axis=1, dtype=jnp.int32)
+      # At least 1: a kernel given an all-padding row (loaders pad batches with them) must not softmax over
+      # zero keys, whose 0/0 would put NaN into the weight gradients through the padding rows' activations.
+      lengths_B = jnp.maximum(jnp.sum(segment_ids_BxL > 0, axis=1, dtype=jnp.int32), 1)
     stacked = {name: p[...].astype(compute_dtype) for name, p in nnx.state(self.layers).items()}
     sliding_N = jnp.asarray(cfg.layer_is_sliding)
 
