@@ -9,6 +9,7 @@
 # JAX_FLAGS: extra tools/bench.py flags; on a GPU "--attention cudnn --loss-chunk 256" unless set.
 # VARIANTS: ';'-separated further bench.py flag sets, each run on the first of SHAPES after everything else
 #   (e.g. VARIANTS="--remat dots;--loss-chunk 0"), each with its ratios to the same peers.
+# PROFILE=1: after the ratios, tools/profile_step.py on the first of SHAPES (where the step's time goes).
 # On a GPU, tools/gpu_check.py runs first: the fused attention kernels must keep packed examples apart.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -94,3 +95,10 @@ for r in rows:
             f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f} ({r['tokens_per_s']} vs {peer['tokens_per_s']}){mem}")
 PY
 rm -f "$out"
+if [ "${PROFILE:-0}" = 1 ]; then
+  IFS=: read -r model batch seq <<<"${SHAPES%% *}"
+  say "profile $model:$batch:$seq"
+  # shellcheck disable=SC2086
+  PYTHONPATH=. python3 tools/profile_step.py --model "$model" --batch "$batch" --seq "$seq" --steps 3 \
+    --dtype "$JAX_DTYPE" $JAX_FLAGS --top 25 || echo "profile failed"
+fi
