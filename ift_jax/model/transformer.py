@@ -83,7 +83,7 @@ class Transformer(nnx.Module):
     """The last block's output x_BxLxD (before the final norm); `head` turns any slice of it into logits.
 
     `scan_layers=False` unrolls the layer loop: longer compiles, but no loop-carried stacked gradient buffers to
-    zero-fill and update slice by slice (SmolLM2-135M on 2 CPU cores: 4.5 s a step instead of 5.1 s).
+    zero-fill and update slice by slice (SmolLM2-135M, 8×128 on 2 CPU cores: 4.27 s a step instead of 5.02 s).
     `one_example_per_row` promises rows as `pack(packed=False)` lays them out — one example from position 0,
     then padding — so the "jax"/"cudnn" kernels get each row's length instead of a dense mask (see attention).
     """
