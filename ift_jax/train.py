@@ -171,10 +171,8 @@ def dry_run(c: Any) -> dict[str, Any]:
 
 
 def _step_bytes(compiled: steps.CompiledSteps, abstract_state: Any, mesh: Any, rows: int, c: Any) -> int:
-  shape = (c.train.grad_accum, rows // c.train.grad_accum, c.data.seq_len)
-  batch_sh = steps.train_batch_sharding(mesh)
-  batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "weights" else jnp.int32, sharding=batch_sh)
-           for k in steps.BATCH_KEYS}
+  batch = _abstract_batch((c.train.grad_accum, rows // c.train.grad_accum, c.data.seq_len),
+                          steps.train_batch_sharding(mesh))
   m = compiled.train.lower(abstract_state, batch).compile().memory_analysis()
   # Donated state buffers are reused for the outputs (alias), so they count once.
   return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
@@ -182,12 +180,14 @@ def _step_bytes(compiled: steps.CompiledSteps, abstract_state: Any, mesh: Any, r
 
 def _eval_bytes(compiled: steps.CompiledSteps, abstract_params: Any, mesh: Any, c: Any) -> int:
   """The eval step's per-device memory at train.eval_batch_size (its logits are chunked like training's)."""
-  batch_sh = sharding.batch_sharding(mesh)
-  batch = {k: jax.ShapeDtypeStruct((c.train.eval_batch_size, c.data.seq_len),
-                                   jnp.float32 if k == "weights" else jnp.int32, sharding=batch_sh)
-           for k in steps.BATCH_KEYS}
+  batch = _abstract_batch((c.train.eval_batch_size, c.data.seq_len), sharding.batch_sharding(mesh))
   m = compiled.eval.lower(abstract_params, batch).compile().memory_analysis()
   return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
+
+
+def _abstract_batch(shape: tuple[int, ...], batch_sharding: Any) -> dict[str, jax.ShapeDtypeStruct]:
+  return {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "weights" else jnp.int32, sharding=batch_sharding)
+          for k in steps.BATCH_KEYS}
 
 
 def holdout_templates(c: Any) -> list[str]:

@@ -27,19 +27,26 @@ def _batch(rows=8, length=16, seed=0):
           "positions": pos}
 
 
-def _run(mesh, batch, accum, n_steps=2, compute_dtype=jnp.float32, remat="none", loss_chunk=0,
-         attention="einsum", scan_layers=True, one_example_per_row=False):
+def _compiled(mesh, **runner_options):
+  """The jitted steps of CFG on `mesh`, and the same random parameters on every mesh."""
   optimizer = optim.make_optimizer(lr=1e-2, warmup_steps=1, total_steps=10, end_lr_ratio=0.1, weight_decay=0.1,
                                    b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0)
   schedule = optim.learning_rate_schedule(lr=1e-2, warmup_steps=1, total_steps=10, end_lr_ratio=0.1)
   graphdef, abstract, _ = load.abstract_model(CFG)
   param_sh = load.param_shardings(mesh, CFG)
-  params = jax.device_put(jax.device_get(load.init_params(CFG, mesh, seed=0)), param_sh)
-  runner = steps.ModelRunner(graphdef, compute_dtype=compute_dtype, remat=remat, loss_chunk=loss_chunk,
-                             attention=attention, scan_layers=scan_layers, one_example_per_row=one_example_per_row)
+  runner = steps.ModelRunner(graphdef, **runner_options)
   compiled = steps.jit_steps(runner, optimizer, schedule, mesh=mesh, abstract_params=abstract,
                              param_shardings=param_sh, num_slots=4)
-  state = compiled.init(params)
+  params = lambda: jax.device_put(jax.device_get(load.init_params(CFG, mesh, seed=0)), param_sh)
+  return compiled, abstract, params
+
+
+def _run(mesh, batch, accum, n_steps=2, compute_dtype=jnp.float32, remat="none", loss_chunk=0,
+         attention="einsum", scan_layers=True, one_example_per_row=False):
+  compiled, _, params = _compiled(mesh, compute_dtype=compute_dtype, remat=remat, loss_chunk=loss_chunk,
+                                  attention=attention, scan_layers=scan_layers,
+                                  one_example_per_row=one_example_per_row)
+  state = compiled.init(params())
   micro = {k: v.reshape(accum, -1, *v.shape[1:]) for k, v in batch.items()}
   history = []
   for _ in range(n_steps):
@@ -149,15 +156,7 @@ def test_row_lengths_instead_of_a_mask_on_unpacked_rows(scan_layers):
 
 
 def _temp_bytes(remat, scan_layers):
-  graphdef, abstract, _ = load.abstract_model(CFG)
-  mesh = _single()
-  param_sh = load.param_shardings(mesh, CFG)
-  optimizer = optim.make_optimizer(lr=1e-2, warmup_steps=1, total_steps=10, end_lr_ratio=0.1, weight_decay=0.1,
-                                   b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0)
-  schedule = optim.learning_rate_schedule(lr=1e-2, warmup_steps=1, total_steps=10, end_lr_ratio=0.1)
-  runner = steps.ModelRunner(graphdef, compute_dtype=jnp.float32, remat=remat, scan_layers=scan_layers)
-  compiled = steps.jit_steps(runner, optimizer, schedule, mesh=mesh, abstract_params=abstract,
-                             param_shardings=param_sh, num_slots=4)
+  compiled, abstract, _ = _compiled(_single(), compute_dtype=jnp.float32, remat=remat, scan_layers=scan_layers)
   state = jax.eval_shape(compiled.init, abstract)
   batch = {k: jax.ShapeDtypeStruct((1, 8, 256), v.dtype) for k, v in _batch().items()}
   return compiled.train.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
@@ -175,7 +174,6 @@ def test_rematerialization_of_unrolled_layers_is_refused():
     _temp_bytes("full", False)
 
 
-
 @pytest.mark.parametrize("mesh,chunk", [("single", 16), ("single", 5), ("2x2x2", 5)])
 def test_chunked_evaluation_matches_whole_logits(mesh, chunk):
   """The eval step with loss_chunk (logits made `chunk` positions at a time, padded when the chunk does not
@@ -184,17 +182,8 @@ def test_chunked_evaluation_matches_whole_logits(mesh, chunk):
   batch = _batch()
   sums = []
   for loss_chunk in (0, chunk):
-    m = make()
-    graphdef, abstract, _ = load.abstract_model(CFG)
-    param_sh = load.param_shardings(m, CFG)
-    params = jax.device_put(jax.device_get(load.init_params(CFG, m, seed=0)), param_sh)
-    runner = steps.ModelRunner(graphdef, compute_dtype=jnp.float32, loss_chunk=loss_chunk)
-    optimizer = optim.make_optimizer(lr=1e-2, warmup_steps=1, total_steps=10, end_lr_ratio=0.1, weight_decay=0.1,
-                                     b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0)
-    schedule = optim.learning_rate_schedule(lr=1e-2, warmup_steps=1, total_steps=10, end_lr_ratio=0.1)
-    compiled = steps.jit_steps(runner, optimizer, schedule, mesh=m, abstract_params=abstract,
-                               param_shardings=param_sh, num_slots=4)
-    sums.append(jax.device_get(compiled.eval(params, batch)))
+    compiled, _, params = _compiled(make(), compute_dtype=jnp.float32, loss_chunk=loss_chunk)
+    sums.append(jax.device_get(compiled.eval(params(), batch)))
   whole, chunked = sums
   assert float(whole["weight"].sum()) > 0
   for key in ("loss", "correct", "weight"):

@@ -76,7 +76,7 @@ def _alone(batch: dict[str, np.ndarray], span: tuple[int, int, int]) -> dict[str
 def check(implementation: str, params, graphdef, batch, spans, *, one_example_per_row: bool) -> dict:
   def runner(attention):
     return steps.ModelRunner(graphdef, compute_dtype=jnp.bfloat16, attention=attention, loss_chunk=32,
-                             scan_layers=False, one_example_per_row=one_example_per_row and attention != "einsum")
+                             scan_layers=False, one_example_per_row=one_example_per_row)
 
   logits = jax.jit(lambda p, b, a: runner(a).logits(p, b), static_argnums=2)
   real = batch["segment_ids"] > 0
