@@ -7,7 +7,8 @@ import pytest
 
 from ift_jax import sharding
 from ift_jax.errors import UserError
-from ift_jax.model import load
+from ift_jax.model import load, transformer
+from ift_jax.model.config import ModelConfig
 from tests import hf_models
 
 
@@ -31,7 +32,9 @@ def _forward(folder, tokens_BxL, mesh, segment_ids_BxL=None, positions_BxL=None)
 @pytest.mark.parametrize("family", sorted(hf_models.FAMILIES))
 def test_logits_match_transformers(family, tmp_path):
   reference = hf_models.build(family, tmp_path)
-  tokens_BxL = np.random.default_rng(0).integers(0, 97, size=(2, 24))
+  # 100 positions: the attention runs in 3 uneven causal query blocks (33, 34, 33), as at training lengths.
+  tokens_BxL = np.random.default_rng(0).integers(0, 97, size=(2, 100))
+  assert transformer.causal_query_blocks(100) == 3
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
   ours = _forward(tmp_path, tokens_BxL, mesh)
   theirs = hf_models.torch_logits(reference, tokens_BxL)
@@ -43,14 +46,42 @@ def test_packed_segments_equal_separate_sequences(family, tmp_path):
   """Two examples packed in one row give the logits each gets alone: nothing leaks across segments."""
   reference = hf_models.build(family, tmp_path)
   rng = np.random.default_rng(1)
-  a, b = rng.integers(0, 97, size=9), rng.integers(0, 97, size=6)
-  row = np.concatenate([a, b, np.zeros(5, int)])[None]
-  segments = np.array([[1] * 9 + [2] * 6 + [0] * 5])
-  positions = np.array([list(range(9)) + list(range(6)) + [0] * 5])
+  # 100 positions, so 3 causal query blocks whose bounds (33, 67) fall inside both examples.
+  a, b = rng.integers(0, 97, size=40), rng.integers(0, 97, size=45)
+  row = np.concatenate([a, b, np.zeros(15, int)])[None]
+  segments = np.array([[1] * 40 + [2] * 45 + [0] * 15])
+  positions = np.array([list(range(40)) + list(range(45)) + [0] * 15])
   mesh = sharding.make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
   packed = _forward(tmp_path, row, mesh, segments, positions)[0]
-  np.testing.assert_allclose(packed[:9], hf_models.torch_logits(reference, a[None])[0], atol=1e-4)
-  np.testing.assert_allclose(packed[9:15], hf_models.torch_logits(reference, b[None])[0], atol=1e-4)
+  np.testing.assert_allclose(packed[:40], hf_models.torch_logits(reference, a[None])[0], atol=1e-4)
+  np.testing.assert_allclose(packed[40:85], hf_models.torch_logits(reference, b[None])[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("blocks", [2, 3, 8])
+def test_causal_query_blocks_equal_whole_attention(blocks):
+  """Attention in causal query blocks gives the whole attention's outputs and gradients on packed rows."""
+  cfg = ModelConfig(model_type="llama", vocab_size=8, hidden_size=12, intermediate_size=8, num_layers=1,
+                    num_heads=6, num_kv_heads=2, head_dim=4, rms_norm_eps=1e-6, rope_theta=1e4)
+  b, l = 2, 50
+  rng = np.random.default_rng(3)
+  q, k, v = (jnp.asarray(rng.standard_normal((b, l, h, 4)), jnp.float32) for h in (6, 2, 2))
+  layer = {"o": jnp.asarray(rng.standard_normal((6, 4, 12)), jnp.float32)}
+  # Row 0: examples of 17 and 23 tokens, then padding; row 1: one example of 50.
+  segments = np.array([[1] * 17 + [2] * 23 + [0] * 10, [1] * 50])
+  positions = np.array([list(range(17)) + list(range(23)) + [0] * 10, list(range(50))])
+  mask = transformer.attention_mask(jnp.asarray(segments), jnp.asarray(positions), None)
+  real_BxLx1 = jnp.asarray(segments > 0)[..., None]
+  cotangent = jnp.asarray(rng.standard_normal((b, l, 12)), jnp.float32) * real_BxLx1  # padding unused
+
+  def loss(q, k, v, query_blocks):
+    out = transformer.attend(q, k, v, mask, layer, cfg, query_blocks=query_blocks)
+    return jnp.sum(out * cotangent), out * real_BxLx1
+
+  grad = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)
+  (whole_grads, whole_out), (blocked_grads, blocked_out) = grad(q, k, v, 1), grad(q, k, v, blocks)
+  np.testing.assert_allclose(blocked_out, whole_out, atol=1e-5, rtol=0)
+  for whole, blocked in zip(whole_grads, blocked_grads):
+    np.testing.assert_allclose(blocked, whole, atol=1e-5, rtol=0)
 
 
 def test_mismatched_checkpoint_is_refused(tmp_path):

@@ -315,7 +315,8 @@ def attention(x_BxLxD: jax.Array, layer: dict[str, jax.Array], cfg: ModelConfig,
   """
   q_BxLxHxE, k_BxSxKxE, v_BxSxKxE = project_qkv(x_BxLxD, layer, cfg, cos_BxLxE, sin_BxLxE)
   if implementation == "einsum":
-    return attend(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, mask_Bx1x1xLxS, layer, cfg)
+    return attend(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, mask_Bx1x1xLxS, layer, cfg,
+                  query_blocks=causal_query_blocks(q_BxLxHxE.shape[1]))
   if implementation not in ATTENTION:
     raise ValueError(f"model.attention must be one of {', '.join(ATTENTION)}, got {implementation!r}")
   b, l, h, e = q_BxLxHxE.shape
@@ -346,14 +347,30 @@ def project_qkv(x_BxLxD: jax.Array, layer: dict[str, jax.Array], cfg: ModelConfi
   return q_BxLxHxE, k_BxSxKxE, v_BxSxKxE
 
 
+def causal_query_blocks(length: int) -> int:
+  """How many query blocks `attend` splits a causal row of `length` into: blocks of ~L/8, at least 32 positions.
+
+  Measured on 2 CPU cores, attention core forward + backward per layer (9 heads, 3 K/V heads, head dim 64):
+  8×128: 13.4 ms whole, 9.9 / 7.8 / 8.3 ms in 2 / 4 / 8 blocks; 2×512: 40.3 ms whole, 24.2 / 23.1 / 25.1 ms in
+  4 / 8 / 16 blocks. Smaller blocks skip more of the masked triangle but run more, smaller products.
+  """
+  return max(1, min(8, length // 32))
+
+
 def attend(q_BxLxHxE: jax.Array, k_BxSxKxE: jax.Array, v_BxSxKxE: jax.Array, mask_Bx1x1xLxS: jax.Array,
-           layer: dict[str, jax.Array], cfg: ModelConfig) -> jax.Array:
+           layer: dict[str, jax.Array], cfg: ModelConfig, *, query_blocks: int = 1) -> jax.Array:
   """Masked softmax attention of the queries over S keys (a sequence's own, or a cache's), then the output.
 
   The G query heads sharing a key/value head are laid out as G·L rows of one (B, K) matrix product, the batch
   axes leading: XLA's CPU backend then runs both products and their gradients without the per-head layout
   copies a (B, K, G, L, S) score tensor needs (the SmolLM2-135M attention core: 14 instead of 17 ms a layer,
   forward and backward, 8×128).
+
+  `query_blocks` > 1 needs keys that are the queries' own row with a causal mask (the training path): the
+  queries are split into that many blocks along L, and each block is scored only against the keys up to its
+  last query — the keys after it are masked out for every query of the block anyway. Exact (the same softmax
+  over the same unmasked keys), with ~(n + 1) / 2n of the score work (SmolLM2-135M, 4 blocks at 8×128: 7.8
+  instead of 13.4 ms a layer).
   """
   b, l, h, e = q_BxLxHxE.shape
   kv, s = cfg.num_kv_heads, k_BxSxKxE.shape[1]
@@ -361,13 +378,30 @@ def attend(q_BxLxHxE: jax.Array, k_BxSxKxE: jax.Array, v_BxSxKxE: jax.Array, mas
   q_BxKxMxE = q_BxLxHxE.reshape(b, l, kv, g, e).transpose(0, 2, 1, 3, 4).reshape(b, kv, l * g, e)  # M = (L, G)
   k_BxKxSxE, v_BxKxSxE = k_BxSxKxE.transpose(0, 2, 1, 3), v_BxSxKxE.transpose(0, 2, 1, 3)
   scale = (cfg.query_pre_attn_scalar or e) ** -0.5
-  scores_BxKxMxS = jnp.einsum("BKME,BKSE->BKMS", q_BxKxMxE, k_BxKxSxE, preferred_element_type=jnp.float32) * scale
-  mask_Bx1xMxS = jnp.broadcast_to(mask_Bx1x1xLxS[:, :, 0, :, None, :], (b, 1, l, g, s)).reshape(b, 1, l * g, s)
-  scores_BxKxMxS = jnp.where(mask_Bx1xMxS, scores_BxKxMxS, jnp.finfo(jnp.float32).min)
-  probs_BxKxMxS = jax.nn.softmax(scores_BxKxMxS, axis=-1).astype(v_BxSxKxE.dtype)
-  out_BxKxMxE = jnp.einsum("BKMS,BKSE->BKME", probs_BxKxMxS, v_BxKxSxE)
+  if query_blocks > 1 and s != l:
+    raise ValueError(f"query_blocks={query_blocks} needs the queries' own {l} keys, got {s}")
+  bounds = [round(l * i / query_blocks) for i in range(query_blocks + 1)]
+  outs = []
+  for start, stop in zip(bounds[:-1], bounds[1:]):
+    # Block rows are M = (L, G) rows start·G .. stop·G; their keys end at the block's last query (stop), or at S.
+    keys = stop if query_blocks > 1 else s
+    mask_BxCxS = mask_Bx1x1xLxS[:, 0, 0, start:stop, :keys]
+    outs.append(_attend_core(q_BxKxMxE[:, :, start * g:stop * g], k_BxKxSxE[:, :, :keys],
+                             v_BxKxSxE[:, :, :keys], mask_BxCxS, g, scale))
+  out_BxKxMxE = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
   out_BxLxHxE = out_BxKxMxE.reshape(b, kv, l, g, e).transpose(0, 2, 1, 3, 4).reshape(b, l, h, e)
   return dense(out_BxLxHxE, layer["o"], contract=2)
+
+
+def _attend_core(q_BxKxMxE: jax.Array, k_BxKxSxE: jax.Array, v_BxKxSxE: jax.Array, mask_BxCxS: jax.Array,
+                 g: int, scale: float) -> jax.Array:
+  """softmax(q·kᵀ·scale, masked)·v for M = C·G query rows (C positions, G heads each) over S keys."""
+  b, c, s = mask_BxCxS.shape
+  scores_BxKxMxS = jnp.einsum("BKME,BKSE->BKMS", q_BxKxMxE, k_BxKxSxE, preferred_element_type=jnp.float32) * scale
+  mask_Bx1xMxS = jnp.broadcast_to(mask_BxCxS[:, None, :, None, :], (b, 1, c, g, s)).reshape(b, 1, c * g, s)
+  scores_BxKxMxS = jnp.where(mask_Bx1xMxS, scores_BxKxMxS, jnp.finfo(jnp.float32).min)
+  probs_BxKxMxS = jax.nn.softmax(scores_BxKxMxS, axis=-1).astype(v_BxKxSxE.dtype)
+  return jnp.einsum("BKMS,BKSE->BKME", probs_BxKxMxS, v_BxKxSxE)
 
 
 def dense(x: jax.Array, w: jax.Array, *, contract: int = 1, preferred_element_type: Any = None) -> jax.Array:
