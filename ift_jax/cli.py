@@ -19,6 +19,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from ift_jax import hostenv
 from ift_jax.errors import UserError
 
 _DEFAULT_CONFIG = str(pathlib.Path(__file__).parent / "configs" / "default.py")
@@ -114,5 +115,7 @@ def _generate() -> None:
 
 
 def main() -> None:
+  """The `ift-jax` command. Restarts itself once with huge-page malloc first (see `ift_jax.hostenv`)."""
+  hostenv.use_huge_pages()
   os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
   app.run(_main)

@@ -12,6 +12,8 @@ and are packed next-fit into the batch's rows, a new batch every step, as `ift-j
 useful (non-padding) tokens/s and, for the peer, the padded sequence length and padding efficiency it would have
 padding each batch of `batch` examples to its longest (tools/device_bench.sh runs the peer at that length).
 Needs only jax, flax and optax (not datasets or ml_collections), so it runs on the bare device image.
+Like `ift-jax`, it restarts itself once under GLIBC_TUNABLES=glibc.malloc.hugetlb=1 unless GLIBC_TUNABLES is set
+(`ift_jax.hostenv`); the JSON line reports the value it ran under.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ift_jax import optim, sharding, steps
+from ift_jax import hostenv, optim, sharding, steps
 from ift_jax.data import pack, tokenize
 from ift_jax.model import load
 from ift_jax.model.config import ModelConfig
@@ -154,7 +157,8 @@ def run(args: argparse.Namespace) -> dict:
               mfu=round(tokens_per_s * train_flops_per_token(shape, args.seq) / (args.peak_tflops * 1e12), 4),
               peak_mem_gib=round(stats["peak_bytes_in_use"] / 2**30, 2) if "peak_bytes_in_use" in stats else None,
               compile_s=round(compile_s, 2), loss=round(float(metrics["loss"]), 4),
-              jax=jax.__version__, device=jax.devices()[0].device_kind, devices=jax.device_count())
+              jax=jax.__version__, device=jax.devices()[0].device_kind, devices=jax.device_count(),
+              glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -180,6 +184,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
+  hostenv.use_huge_pages()  # as `ift-jax` runs: XLA's CPU temporaries in huge pages (see ift_jax.hostenv)
   print(json.dumps(run(parser().parse_args())), flush=True)
 
 

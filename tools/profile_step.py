@@ -25,6 +25,7 @@ import jax
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import bench  # noqa: E402  (tools/ is not a package)
+from ift_jax import hostenv  # noqa: E402
 
 
 def summarize(trace_path: str, steps: int, top: int) -> list[str]:
@@ -48,6 +49,7 @@ def summarize(trace_path: str, steps: int, top: int) -> list[str]:
 
 
 def main() -> None:
+  hostenv.use_huge_pages()  # profile the process `ift-jax` and tools/bench.py run
   ap = bench.parser()
   ap.add_argument("--top", type=int, default=30)
   ap.add_argument("--out", default="", help="keep the Perfetto trace in this folder")
