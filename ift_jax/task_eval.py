@@ -81,7 +81,7 @@ def options_from_config(c: Any, **overrides: Any) -> Options:
   known = {f.name for f in dataclasses.fields(Options)}
   values = {k: v for k, v in section.items() if k in known}
   values.update({k: v for k, v in overrides.items() if v is not None})
-  values["compute_dtype"] = values.get("compute_dtype") or c.model.compute_dtype  # "" = the training precision
+  values["compute_dtype"] = values.get("compute_dtype") or train.compute_dtype_name(c)  # "" = the training's
   for key in ("checkpoints", "splits"):
     if isinstance(values.get(key), str):
       values[key] = tuple(v.strip() for v in values[key].split(",") if v.strip())

@@ -173,3 +173,16 @@ def test_auto_attention_picks_cudnn_only_where_it_runs(inputs, monkeypatch):
   assert train.attention_implementation(c, cfg) == "einsum"  # cuDNN's flash attention is 16-bit only
   c.model.attention = "jax"
   assert train.attention_implementation(c, cfg) == "jax"
+
+
+def test_auto_compute_dtype_is_float32_on_cpu_bfloat16_on_accelerators(inputs, monkeypatch):
+  from types import SimpleNamespace
+  c = _config(inputs)
+  c.model.compute_dtype = "auto"
+  train.validate_config(c)
+  assert train.compute_dtype_name(c) == "float32"  # this suite's CPU devices
+  monkeypatch.setattr(train.jax, "devices", lambda: [SimpleNamespace(platform="gpu")])
+  assert train.compute_dtype_name(c) == "bfloat16"
+  assert train.attention_implementation(c, SimpleNamespace(head_dim=64)) == "cudnn"  # auto sees the resolved dtype
+  c.model.compute_dtype = "float32"
+  assert train.compute_dtype_name(c) == "float32"

@@ -13,7 +13,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.path = "smollm2-135m-instruct"  # catalog name, Hugging Face folder, or .gguf file
-  c.model.compute_dtype = "bfloat16"  # activations and matmuls; master weights stay float32
+  # activations and matmuls; master weights stay float32. auto: float32 on CPU (faster there), bfloat16 elsewhere
+  c.model.compute_dtype = "auto"
   c.model.remat = "none"  # none | full | dots: recompute activations in the backward pass (needs scan_layers)
   # auto: cudnn on NVIDIA GPUs in bfloat16/float16, else einsum | einsum (any backend) | jax
   # (jax.nn.dot_product_attention) | cudnn (cuDNN flash attention; GPU, 16-bit compute)
