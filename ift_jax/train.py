@@ -84,26 +84,17 @@ _MODEL_DEFAULTS = {"attention": "einsum", "loss_chunk": 0, "scan_layers": True}
 
 
 def compute_dtype_name(c: Any) -> str:
-  """model.compute_dtype, with "auto" resolved: float32 on CPUs, bfloat16 on accelerators.
-
-  XLA's CPU backend has no fast 16-bit matrix products: converting to and from bfloat16 only adds work
-  (SmolLM2-135M's step at 8 × 128 on 2 cores: 4.84-4.86 s in bfloat16, 4.06-4.19 s in float32), and float32 is
-  exact. GPUs and TPUs multiply bfloat16 at several times their float32 rate.
-  """
+  """model.compute_dtype, with "auto" resolved by `steps.auto_compute_dtype` for this process's devices."""
   option = c.model.compute_dtype
-  if option != "auto":
-    return option
-  return "float32" if jax.devices()[0].platform == "cpu" else "bfloat16"
+  return steps.auto_compute_dtype(jax.devices()[0].platform) if option == "auto" else option
 
 
 def attention_implementation(c: Any, cfg: Any) -> str:
-  """model.attention, with "auto" resolved: cuDNN's flash attention on NVIDIA GPUs computing in 16 bits with heads
-  of at most 128 (what every cuDNN 9 takes), else the spelled-out attention (the fastest on CPU)."""
+  """model.attention, with "auto" resolved by `steps.auto_attention`."""
   option = model_option(c, "attention")
   if option != "auto":
     return option
-  cudnn_fits = compute_dtype_name(c) in ("bfloat16", "float16") and cfg.head_dim <= 128 and cfg.head_dim % 8 == 0
-  return "cudnn" if jax.devices()[0].platform == "gpu" and cudnn_fits else "einsum"
+  return steps.auto_attention(jax.devices()[0].platform, compute_dtype_name(c), cfg.head_dim)
 
 
 def model_option(c: Any, key: str) -> Any:

@@ -102,6 +102,11 @@ class Setup:
 
 def build(args: argparse.Namespace) -> Setup:
   shape = SHAPES[args.model]
+  platform = jax.devices()[0].platform
+  if args.dtype == "auto":
+    args.dtype = steps.auto_compute_dtype(platform)
+  if args.attention == "auto":
+    args.attention = steps.auto_attention(platform, args.dtype, shape["hidden_size"] // shape["num_attention_heads"])
   cfg = ModelConfig.from_hf({"model_type": "llama", **shape, "max_position_embeddings": max(args.seq, 2048)})
   mesh = sharding.make_mesh(data=args.data, fsdp=args.fsdp, tensor=args.tensor)
   graphdef, abstract, _ = load.abstract_model(cfg)
@@ -168,10 +173,10 @@ def parser() -> argparse.ArgumentParser:
   ap.add_argument("--seq", type=int, default=128)
   ap.add_argument("--steps", type=int, default=5)
   ap.add_argument("--warmup", type=int, default=1)
-  ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+  # Defaults = the trainer's default config (ift_jax/configs/default.py); auto resolves as `ift-jax train` does.
+  ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
   ap.add_argument("--remat", default="none", choices=["none", "full", "dots"])
-  ap.add_argument("--attention", default="einsum", choices=["einsum", "jax", "cudnn"])
-  # Defaults = the trainer's default config (ift_jax/configs/default.py).
+  ap.add_argument("--attention", default="auto", choices=["auto", "einsum", "jax", "cudnn"])
   ap.add_argument("--loss-chunk", type=int, default=32,
                   help="positions per fused cross-entropy chunk; 0 = whole-row logits")
   ap.add_argument("--scan-layers", type=int, default=0, help="1: layers under lax.scan; 0: unrolled")
