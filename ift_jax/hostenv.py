@@ -24,8 +24,8 @@ HUGE_PAGES = "glibc.malloc.hugetlb=1"
 
 def wants_restart(environ: dict[str, str] | os._Environ = os.environ) -> bool:
   """True when this process should re-execute itself with HUGE_PAGES set."""
-  if sys.platform != "linux" or "GLIBC_TUNABLES" in environ:
-    return False
+  if sys.platform != "linux" or "GLIBC_TUNABLES" in environ or not sys.executable or not sys.orig_argv:
+    return False  # (an embedded interpreter has no executable to restart)
   return platform.libc_ver()[0] == "glibc"
 
 
