@@ -4,7 +4,7 @@ XLA's CPU runtime allocates an executable's temporaries as one buffer per run (2
 step at 8 × 128) and frees it after. glibc serves a buffer that size from a fresh anonymous mapping, so every run
 first-touches it 4 KiB page by page: ~800,000 minor page faults a step, each zeroing its page. With glibc's
 `glibc.malloc.hugetlb=1` tunable, malloc marks such mappings for transparent huge pages (the kernel's `madvise`
-mode), which cuts the faults 20-fold; the step went from 4.43 to 4.14 s on 2 cores (medians of 3 alternating
+mode), which cuts the faults 20-fold; the step went from 4.41 to 4.16 s on 2 cores (medians of 3 alternating
 rounds, 2026-11-26). glibc reads tunables only when a process starts, so the entry points re-execute themselves
 once with it set. Not everyone gains: the PyTorch peer, whose allocations are many and short-lived, slowed from
 4.2 to 6.0 s a step with the same setting, so it is this project's choice, not a general recommendation.
