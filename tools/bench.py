@@ -102,12 +102,12 @@ class Setup:
 
 def build(args: argparse.Namespace) -> Setup:
   shape = SHAPES[args.model]
-  platform = jax.devices()[0].platform
+  cfg = ModelConfig.from_hf({"model_type": "llama", **shape, "max_position_embeddings": max(args.seq, 2048)})
+  platform = jax.devices()[0].platform  # "auto" resolved as `ift-jax train` does; the JSON line reports the result
   if args.dtype == "auto":
     args.dtype = steps.auto_compute_dtype(platform)
   if args.attention == "auto":
-    args.attention = steps.auto_attention(platform, args.dtype, shape["hidden_size"] // shape["num_attention_heads"])
-  cfg = ModelConfig.from_hf({"model_type": "llama", **shape, "max_position_embeddings": max(args.seq, 2048)})
+    args.attention = steps.auto_attention(platform, args.dtype, cfg.head_dim)
   mesh = sharding.make_mesh(data=args.data, fsdp=args.fsdp, tensor=args.tensor)
   graphdef, abstract, _ = load.abstract_model(cfg)
   param_sh = load.param_shardings(mesh, cfg)
