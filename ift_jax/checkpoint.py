@@ -14,7 +14,6 @@ import logging
 import pathlib
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 
 from ift_jax.errors import UserError
@@ -118,8 +117,3 @@ class Checkpointer:
   def close(self) -> None:
     self._latest.close()
     self._best.close()
-
-
-def abstract_like(tree: Any, shardings: Any) -> Any:
-  """ShapeDtypeStructs with target shardings: what `restore` lays the checkpoint out as."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -91,6 +91,11 @@ def tree_shardings(mesh: Mesh, logical_tree: Any, shape_tree: Any) -> Any:
                       logical_tree, shape_tree, is_leaf=lambda x: isinstance(x, tuple))
 
 
+def abstract_like(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of `tree`'s arrays with target shardings: a compile or checkpoint-restore target."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Sharding of every (B, L) batch array: rows split over the data-parallel axes, length whole."""
   return named_sharding(mesh, ("batch", "length"))

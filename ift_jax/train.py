@@ -148,7 +148,7 @@ def _compile(c: Any, mesh: Any, cfg: Any, *, total_steps: int, num_slots: int):
                              param_shardings=param_sh, num_slots=num_slots,
                              skip_nonfinite=c.train.skip_nonfinite)
   state_sh = steps.state_shardings(optimizer, abstract_params, param_sh, mesh)
-  abstract_state = checkpoint.abstract_like(jax.eval_shape(compiled.init, abstract_params), state_sh)
+  abstract_state = sharding.abstract_like(jax.eval_shape(compiled.init, abstract_params), state_sh)
   return compiled, state_sh, abstract_state
 
 

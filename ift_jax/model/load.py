@@ -89,8 +89,7 @@ def param_shardings(mesh: Mesh, cfg: ModelConfig) -> dict[str, Any]:
 def sharded_abstract_params(cfg: ModelConfig, mesh: Mesh) -> dict[str, Any]:
   """The parameters as ShapeDtypeStructs carrying their shardings on `mesh`: a checkpoint restore target."""
   _, shapes, _ = abstract_model(cfg)
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
-                      param_shardings(mesh, cfg))
+  return sharding.abstract_like(shapes, param_shardings(mesh, cfg))
 
 
 def load_params(pretrained: Pretrained, mesh: Mesh) -> dict[str, Any]:
