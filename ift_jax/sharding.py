@@ -112,6 +112,11 @@ def use_mesh(mesh: Mesh) -> Iterator[Mesh]:
     _active_mesh = previous
 
 
+def active_mesh() -> Mesh | None:
+  """The mesh of the enclosing `use_mesh` (None outside one): for code that must shard_map a kernel."""
+  return _active_mesh
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """Pins an activation's layout by logical names; a no-op outside `use_mesh` (e.g. single-device tests)."""
   if _active_mesh is None:

@@ -32,11 +32,16 @@ def auto_compute_dtype(platform: str) -> str:
   return "float32" if platform == "cpu" else "bfloat16"
 
 
-def auto_attention(platform: str, compute_dtype: str, head_dim: int) -> str:
+def auto_attention(platform: str, compute_dtype: str, head_dim: int, sliding_layers: bool = False) -> str:
   """The attention "auto" means: cuDNN's flash attention on NVIDIA GPUs computing in 16 bits with heads of at
-  most 128 (what every cuDNN 9 takes), else the spelled-out attention (the fastest on CPU)."""
+  most 128 (what every cuDNN 9 takes); Pallas splash attention on TPUs (models without sliding-window layers);
+  else the spelled-out attention (the fastest on CPU)."""
   cudnn_fits = compute_dtype in ("bfloat16", "float16") and head_dim <= 128 and head_dim % 8 == 0
-  return "cudnn" if platform == "gpu" and cudnn_fits else "einsum"
+  if platform == "gpu" and cudnn_fits:
+    return "cudnn"
+  if platform == "tpu" and not sliding_layers:
+    return "splash"
+  return "einsum"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -160,19 +160,26 @@ def test_held_out_templates_are_evaluated_but_never_trained_on(inputs):
     train.prepare_data(c, tokenizer)
 
 
-def test_auto_attention_picks_cudnn_only_where_it_runs(inputs, monkeypatch):
+def test_auto_attention_picks_cudnn_and_splash_only_where_they_run(inputs, monkeypatch):
   from types import SimpleNamespace
   c = _config(inputs, model__compute_dtype="bfloat16")
   assert c.model.attention == "auto"
-  cfg = SimpleNamespace(head_dim=64)
+  cfg = SimpleNamespace(head_dim=64, layer_is_sliding=(False, False))
+  gemma = SimpleNamespace(head_dim=256, layer_is_sliding=(True, False))
   assert train.attention_implementation(c, cfg) == "einsum"  # CPU
   monkeypatch.setattr(train.jax, "devices", lambda: [SimpleNamespace(platform="gpu")])
   assert train.attention_implementation(c, cfg) == "cudnn"
-  assert train.attention_implementation(c, SimpleNamespace(head_dim=256)) == "einsum"  # beyond every cuDNN 9
+  assert train.attention_implementation(c, SimpleNamespace(head_dim=256, layer_is_sliding=())) == "einsum"  # > cuDNN 9
   c.model.compute_dtype = "float32"
   assert train.attention_implementation(c, cfg) == "einsum"  # cuDNN's flash attention is 16-bit only
+  monkeypatch.setattr(train.jax, "devices", lambda: [SimpleNamespace(platform="tpu")])
+  assert train.attention_implementation(c, cfg) == "splash"
+  assert train.attention_implementation(c, gemma) == "einsum"  # sliding-window layers: not with splash
   c.model.attention = "jax"
   assert train.attention_implementation(c, cfg) == "jax"
+  c.model.attention = "splash"
+  with pytest.raises(UserError, match="model.attention='splash': this model has sliding-window layers"):
+    train.attention_implementation(c, gemma)
 
 
 def test_auto_compute_dtype_is_float32_on_cpu_bfloat16_on_accelerators(inputs, monkeypatch):
@@ -183,6 +190,7 @@ def test_auto_compute_dtype_is_float32_on_cpu_bfloat16_on_accelerators(inputs, m
   assert train.compute_dtype_name(c) == "float32"  # this suite's CPU devices
   monkeypatch.setattr(train.jax, "devices", lambda: [SimpleNamespace(platform="gpu")])
   assert train.compute_dtype_name(c) == "bfloat16"
-  assert train.attention_implementation(c, SimpleNamespace(head_dim=64)) == "cudnn"  # auto sees the resolved dtype
+  cfg = SimpleNamespace(head_dim=64, layer_is_sliding=())
+  assert train.attention_implementation(c, cfg) == "cudnn"  # auto sees the resolved dtype
   c.model.compute_dtype = "float32"
   assert train.compute_dtype_name(c) == "float32"

@@ -128,6 +128,16 @@ def test_jax_dot_product_attention_keeps_packed_examples_apart():
   _assert_same(_run(_single(), batch, 1, attention="jax"), _run(_single(), batch, 1), 2e-5)
 
 
+@pytest.mark.parametrize("mesh", ["single", "2x2x2"])
+def test_splash_attention_keeps_packed_examples_apart(mesh):
+  """Pallas splash attention (the TPU kernel, interpreted here) with segment ids = the spelled-out masked
+  attention on packed rows with padding: losses, gradient norms and weights after 2 steps; on a 2×2×2 mesh it
+  runs under shard_map, each device on its rows and heads."""
+  mesh = _single() if mesh == "single" else sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  batch = _batch()
+  _assert_same(_run(mesh, batch, 1, attention="splash"), _run(mesh, batch, 1), 2e-5)
+
+
 def test_unrolled_layers_match_the_scanned_loop():
   batch = _batch()
   _assert_same(_run(_single(), batch, 2, scan_layers=False), _run(_single(), batch, 2), 2e-5)
@@ -152,6 +162,14 @@ def test_row_lengths_instead_of_a_mask_on_unpacked_rows(scan_layers):
   = the spelled-out masked attention, padding rows' finite junk included (it must not reach the gradients)."""
   batch = _unpacked_batch()
   _assert_same(_run(_single(), batch, 1, attention="jax", one_example_per_row=True, scan_layers=scan_layers),
+               _run(_single(), batch, 1), 2e-5)
+
+
+def test_splash_attention_on_unpacked_rows_with_an_all_padding_row():
+  """One example per row (pack(packed=False)) and an all-padding row: splash's padding queries attend among
+  themselves, so nothing non-finite reaches the gradients; = the spelled-out attention."""
+  batch = _unpacked_batch()
+  _assert_same(_run(_single(), batch, 1, attention="splash", one_example_per_row=True),
                _run(_single(), batch, 1), 2e-5)
 
 

@@ -107,7 +107,7 @@ def build(args: argparse.Namespace) -> Setup:
   if args.dtype == "auto":
     args.dtype = steps.auto_compute_dtype(platform)
   if args.attention == "auto":
-    args.attention = steps.auto_attention(platform, args.dtype, cfg.head_dim)
+    args.attention = steps.auto_attention(platform, args.dtype, cfg.head_dim, any(cfg.layer_is_sliding))
   mesh = sharding.make_mesh(data=args.data, fsdp=args.fsdp, tensor=args.tensor)
   graphdef, abstract, _ = load.abstract_model(cfg)
   param_sh = load.param_shardings(mesh, cfg)
@@ -176,7 +176,7 @@ def parser() -> argparse.ArgumentParser:
   # Defaults = the trainer's default config (ift_jax/configs/default.py); auto resolves as `ift-jax train` does.
   ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
   ap.add_argument("--remat", default="none", choices=["none", "full", "dots"])
-  ap.add_argument("--attention", default="auto", choices=["auto", "einsum", "jax", "cudnn"])
+  ap.add_argument("--attention", default="auto", choices=["auto", "einsum", "jax", "cudnn", "splash"])
   ap.add_argument("--loss-chunk", type=int, default=32,
                   help="positions per fused cross-entropy chunk; 0 = whole-row logits")
   ap.add_argument("--scan-layers", type=int, default=0, help="1: layers under lax.scan; 0: unrolled")

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ift_jax import sharding
+from ift_jax.model import splash
 from ift_jax.model.config import ModelConfig
 
 # Stacked per-layer parameters: name -> (shape builder, logical axes). The leading axis is always `layers`.
@@ -98,16 +99,22 @@ class Transformer(nnx.Module):
     x_BxLxD = self._embed(tokens_BxL, embed_VxD, compute_dtype)
     context = attention_context(positions_BxL, segment_ids_BxL, cfg)
     lengths_B = None
-    if one_example_per_row and attention != "einsum" and not any(cfg.layer_is_sliding):
+    if one_example_per_row and attention in ("jax", "cudnn") and not any(cfg.layer_is_sliding):
       # At least 1: a kernel given an all-padding row (loaders pad batches with them) must not softmax over
       # zero keys, whose 0/0 would put NaN into the weight gradients through the padding rows' activations.
       lengths_B = jnp.maximum(jnp.sum(segment_ids_BxL > 0, axis=1, dtype=jnp.int32), 1)
     stacked = {name: p[...].astype(compute_dtype) for name, p in nnx.state(self.layers).items()}
     sliding_N = jnp.asarray(cfg.layer_is_sliding)
 
+    if attention == "splash" and any(cfg.layer_is_sliding):
+      raise ValueError("model.attention='splash' cannot mask sliding-window layers (Gemma 3 has them); use "
+                       "'einsum' or 'auto'")
+    segments_BxL = segment_ids_BxL if attention == "splash" else None
+
     def body(x, layer_and_sliding):
       layer, sliding = layer_and_sliding
-      return block(x, layer, cfg, *context.pick(sliding), implementation=attention, lengths_B=lengths_B), None
+      return block(x, layer, cfg, *context.pick(sliding), implementation=attention, lengths_B=lengths_B,
+                   segment_ids_BxL=segments_BxL), None
 
     x_BxLxD, _ = jax.lax.scan(_remat(body, remat), x_BxLxD, (stacked, sliding_N), unroll=not scan_layers)
     return x_BxLxD
@@ -266,11 +273,11 @@ def _remat(fn, policy: str):
 
 def block(x_BxLxD: jax.Array, layer: dict[str, jax.Array], cfg: ModelConfig, cos_BxLxE: jax.Array,
           sin_BxLxE: jax.Array, mask_Bx1x1xLxS: jax.Array, *, implementation: str = "einsum",
-          lengths_B: jax.Array | None = None) -> jax.Array:
+          lengths_B: jax.Array | None = None, segment_ids_BxL: jax.Array | None = None) -> jax.Array:
   """One pre-norm decoder block: x + attention(norm(x)), then + MLP(norm(x)); Gemma also norms each output."""
   h_BxLxD = _norm(x_BxLxD, layer["attn_norm"], cfg)
   h_BxLxD = attention(h_BxLxD, layer, cfg, cos_BxLxE, sin_BxLxE, mask_Bx1x1xLxS, implementation=implementation,
-                      lengths_B=lengths_B)
+                      lengths_B=lengths_B, segment_ids_BxL=segment_ids_BxL)
   return finish_block(x_BxLxD, h_BxLxD, layer, cfg)
 
 
@@ -297,12 +304,12 @@ def finish_block(x_BxLxD: jax.Array, h_BxLxD: jax.Array, layer: dict[str, jax.Ar
 _ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 
 
-ATTENTION = ("einsum", "jax", "cudnn")
+ATTENTION = ("einsum", "jax", "cudnn", "splash")
 
 
 def attention(x_BxLxD: jax.Array, layer: dict[str, jax.Array], cfg: ModelConfig, cos_BxLxE: jax.Array,
               sin_BxLxE: jax.Array, mask_Bx1x1xLxS: jax.Array, *, implementation: str = "einsum",
-              lengths_B: jax.Array | None = None) -> jax.Array:
+              lengths_B: jax.Array | None = None, segment_ids_BxL: jax.Array | None = None) -> jax.Array:
   """Grouped-query attention with RoPE; softmax in float32.
 
   `implementation`: "einsum" spells the attention out (any backend; XLA fuses it); "jax" calls
@@ -312,6 +319,8 @@ def attention(x_BxLxD: jax.Array, layer: dict[str, jax.Array], cfg: ModelConfig,
   With `lengths_B` (rows known to hold one example from position 0) the kernels get the row lengths and build
   causal + padding masking themselves: no dense B×L×S mask for cuDNN to read as a bias (H200, llama-1b 8×2048:
   a step 0.235 s instead of 0.249 s). Padding queries' outputs are unused: their positions have weight 0.
+  "splash" is Pallas splash attention (TPU; see ift_jax.model.splash): causal by position in the row, each query
+  limited to keys of its own segment by `segment_ids_BxL` — packed rows without any dense mask.
   """
   q_BxLxHxE, k_BxSxKxE, v_BxSxKxE = project_qkv(x_BxLxD, layer, cfg, cos_BxLxE, sin_BxLxE)
   if implementation == "einsum":
@@ -320,6 +329,12 @@ def attention(x_BxLxD: jax.Array, layer: dict[str, jax.Array], cfg: ModelConfig,
   if implementation not in ATTENTION:
     raise ValueError(f"model.attention must be one of {', '.join(ATTENTION)}, got {implementation!r}")
   b, l, h, e = q_BxLxHxE.shape
+  if implementation == "splash":
+    if segment_ids_BxL is None:
+      raise ValueError("attention 'splash' needs the rows' segment ids")
+    out_BxLxHxE = splash.splash_attention(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxL,
+                                          (cfg.query_pre_attn_scalar or e) ** -0.5)
+    return dense(out_BxLxHxE, layer["o"], contract=2)
   if lengths_B is None:
     masking = dict(mask=mask_Bx1x1xLxS[:, 0], is_causal=implementation == "cudnn")
   else:
