@@ -173,7 +173,8 @@ def test_auto_attention_picks_cudnn_and_splash_only_where_they_run(inputs, monke
   c.model.compute_dtype = "float32"
   assert train.attention_implementation(c, cfg) == "einsum"  # cuDNN's flash attention is 16-bit only
   monkeypatch.setattr(train.jax, "devices", lambda: [SimpleNamespace(platform="tpu")])
-  assert train.attention_implementation(c, cfg) == "splash"
+  assert train.attention_implementation(c, SimpleNamespace(head_dim=128, layer_is_sliding=())) == "splash"
+  assert train.attention_implementation(c, cfg) == "einsum"  # heads of 64: older JAX splash kernels refuse them
   assert train.attention_implementation(c, gemma) == "einsum"  # sliding-window layers: not with splash
   c.model.attention = "jax"
   assert train.attention_implementation(c, cfg) == "jax"
