@@ -42,7 +42,7 @@ def _compiled(mesh, **runner_options):
 
 
 def _run(mesh, batch, accum, n_steps=2, compute_dtype=jnp.float32, remat="none", loss_chunk=0,
-         attention="einsum", scan_layers=True, one_example_per_row=False):
+         attention="einsum", scan_layers=True, one_example_per_row=False, evaluate=False):
   compiled, _, params = _compiled(mesh, compute_dtype=compute_dtype, remat=remat, loss_chunk=loss_chunk,
                                   attention=attention, scan_layers=scan_layers,
                                   one_example_per_row=one_example_per_row)
@@ -52,6 +52,8 @@ def _run(mesh, batch, accum, n_steps=2, compute_dtype=jnp.float32, remat="none",
   for _ in range(n_steps):
     state, metrics = compiled.train(state, micro)
     history.append(jax.device_get(metrics))
+  if evaluate:  # the eval step's per-example sums on the trained weights
+    history.append({"eval": jax.device_get(compiled.eval(state["params"], batch))})
   return jax.device_get(state["params"]), history
 
 
@@ -61,9 +63,12 @@ def _single():
 
 def _assert_same(a, b, atol):
   (pa, ha), (pb, hb) = a, b
+  assert len(ha) == len(hb)
   for ma, mb in zip(ha, hb):
-    for key in ("loss", "token_accuracy", "grad_norm", "target_tokens"):
-      np.testing.assert_allclose(ma[key], mb[key], atol=atol, rtol=0, err_msg=key)
+    for key in ("loss", "token_accuracy", "grad_norm", "target_tokens", "eval"):
+      if key in ma:
+        close = lambda x, y, key=key: np.testing.assert_allclose(x, y, atol=atol, rtol=0, err_msg=key)
+        jax.tree.map(close, ma[key], mb[key])
   # Adam divides by sqrt(v): a gradient that is ~0 turns float32 summation-order noise into a visible update,
   # so weights get a looser bound than the metrics (a normalization bug moves loss and grad_norm by far more).
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=5 * atol, rtol=0), pa, pb)
@@ -131,11 +136,11 @@ def test_jax_dot_product_attention_keeps_packed_examples_apart():
 @pytest.mark.parametrize("mesh", ["single", "2x2x2"])
 def test_splash_attention_keeps_packed_examples_apart(mesh):
   """Pallas splash attention (the TPU kernel, interpreted here) with segment ids = the spelled-out masked
-  attention on packed rows with padding: losses, gradient norms and weights after 2 steps; on a 2×2×2 mesh it
-  runs under shard_map, each device on its rows and heads."""
+  attention on packed rows with padding: losses, gradient norms and weights after 2 steps, then the eval step's
+  per-example sums; on a 2×2×2 mesh it runs under shard_map, each device on its rows and heads."""
   mesh = _single() if mesh == "single" else sharding.make_mesh(data=2, fsdp=2, tensor=2)
   batch = _batch()
-  _assert_same(_run(mesh, batch, 1, attention="splash"), _run(mesh, batch, 1), 2e-5)
+  _assert_same(_run(mesh, batch, 1, attention="splash", evaluate=True), _run(mesh, batch, 1, evaluate=True), 2e-5)
 
 
 def test_unrolled_layers_match_the_scanned_loop():
