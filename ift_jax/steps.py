@@ -32,15 +32,15 @@ def auto_compute_dtype(platform: str) -> str:
   return "float32" if platform == "cpu" else "bfloat16"
 
 
-def auto_attention(platform: str, compute_dtype: str, head_dim: int, sliding_layers: bool = False) -> str:
+def auto_attention(platform: str, compute_dtype: str, head_dim: int) -> str:
   """The attention "auto" means: cuDNN's flash attention on NVIDIA GPUs computing in 16 bits with heads of at
   most 128 (what every cuDNN 9 takes); Pallas splash attention on TPUs for heads of a multiple of 128 (older JAX
-  releases' kernel refuses other widths, jax-ml/jax#30861; the 0.10 one accepts them) and no sliding-window
-  layers; else the spelled-out attention (the fastest on CPU)."""
+  releases' kernel refuses other widths, jax-ml/jax#30861; the 0.10 one accepts them); else the spelled-out
+  attention (the fastest on CPU)."""
   cudnn_fits = compute_dtype in ("bfloat16", "float16") and head_dim <= 128 and head_dim % 8 == 0
   if platform == "gpu" and cudnn_fits:
     return "cudnn"
-  if platform == "tpu" and head_dim % 128 == 0 and not sliding_layers:
+  if platform == "tpu" and head_dim % 128 == 0:
     return "splash"
   return "einsum"
 

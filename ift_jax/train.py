@@ -92,13 +92,9 @@ def compute_dtype_name(c: Any) -> str:
 def attention_implementation(c: Any, cfg: Any) -> str:
   """model.attention, with "auto" resolved by `steps.auto_attention`."""
   option = model_option(c, "attention")
-  if option == "splash" and any(cfg.layer_is_sliding):
-    raise UserError("model.attention='splash': this model has sliding-window layers, which the splash kernel "
-                    "here does not mask; use model.attention=auto or einsum")
   if option != "auto":
     return option
-  return steps.auto_attention(jax.devices()[0].platform, compute_dtype_name(c), cfg.head_dim,
-                             any(cfg.layer_is_sliding))
+  return steps.auto_attention(jax.devices()[0].platform, compute_dtype_name(c), cfg.head_dim)
 
 
 def model_option(c: Any, key: str) -> Any:

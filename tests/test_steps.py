@@ -27,23 +27,23 @@ def _batch(rows=8, length=16, seed=0):
           "positions": pos}
 
 
-def _compiled(mesh, **runner_options):
-  """The jitted steps of CFG on `mesh`, and the same random parameters on every mesh."""
+def _compiled(mesh, cfg=CFG, **runner_options):
+  """The jitted steps of `cfg` on `mesh`, and the same random parameters on every mesh."""
   optimizer = optim.make_optimizer(lr=1e-2, warmup_steps=1, total_steps=10, end_lr_ratio=0.1, weight_decay=0.1,
                                    b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0)
   schedule = optim.learning_rate_schedule(lr=1e-2, warmup_steps=1, total_steps=10, end_lr_ratio=0.1)
-  graphdef, abstract, _ = load.abstract_model(CFG)
-  param_sh = load.param_shardings(mesh, CFG)
+  graphdef, abstract, _ = load.abstract_model(cfg)
+  param_sh = load.param_shardings(mesh, cfg)
   runner = steps.ModelRunner(graphdef, **runner_options)
   compiled = steps.jit_steps(runner, optimizer, schedule, mesh=mesh, abstract_params=abstract,
                              param_shardings=param_sh, num_slots=4)
-  params = lambda: jax.device_put(jax.device_get(load.init_params(CFG, mesh, seed=0)), param_sh)
+  params = lambda: jax.device_put(jax.device_get(load.init_params(cfg, mesh, seed=0)), param_sh)
   return compiled, abstract, params
 
 
 def _run(mesh, batch, accum, n_steps=2, compute_dtype=jnp.float32, remat="none", loss_chunk=0,
-         attention="einsum", scan_layers=True, one_example_per_row=False, evaluate=False):
-  compiled, _, params = _compiled(mesh, compute_dtype=compute_dtype, remat=remat, loss_chunk=loss_chunk,
+         attention="einsum", scan_layers=True, one_example_per_row=False, evaluate=False, cfg=CFG):
+  compiled, _, params = _compiled(mesh, cfg, compute_dtype=compute_dtype, remat=remat, loss_chunk=loss_chunk,
                                   attention=attention, scan_layers=scan_layers,
                                   one_example_per_row=one_example_per_row)
   state = compiled.init(params())
@@ -133,12 +133,14 @@ def test_jax_dot_product_attention_keeps_packed_examples_apart():
   _assert_same(_run(_single(), batch, 1, attention="jax"), _run(_single(), batch, 1), 2e-5)
 
 
-@pytest.mark.parametrize("mesh", ["single", "2x2x2"])
+@pytest.mark.parametrize("mesh", ["single", "2x2x2", "2x1x4"])
 def test_splash_attention_keeps_packed_examples_apart(mesh):
   """Pallas splash attention (the TPU kernel, interpreted here) with segment ids = the spelled-out masked
   attention on packed rows with padding: losses, gradient norms and weights after 2 steps, then the eval step's
-  per-example sums; on a 2×2×2 mesh it runs under shard_map, each device on its rows and heads."""
-  mesh = _single() if mesh == "single" else sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  per-example sums; on a mesh it runs under shard_map, each device on its rows and heads (2×2×2), or on its rows
+  with all heads where the 2 key/value heads do not split 4 ways (2×1×4)."""
+  data, fsdp, tensor = (1, 1, 1) if mesh == "single" else map(int, mesh.split("x"))
+  mesh = _single() if mesh == "single" else sharding.make_mesh(data=data, fsdp=fsdp, tensor=tensor)
   batch = _batch()
   _assert_same(_run(mesh, batch, 1, attention="splash", evaluate=True), _run(mesh, batch, 1, evaluate=True), 2e-5)
 
@@ -168,6 +170,22 @@ def test_row_lengths_instead_of_a_mask_on_unpacked_rows(scan_layers):
   batch = _unpacked_batch()
   _assert_same(_run(_single(), batch, 1, attention="jax", one_example_per_row=True, scan_layers=scan_layers),
                _run(_single(), batch, 1), 2e-5)
+
+
+# Sliding (window 5), full, sliding: the window cuts into every example of _batch's 16-position rows.
+WINDOWED = ModelConfig.from_hf(dict(
+    model_type="gemma3_text", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=5,
+    hidden_activation="gelu_pytorch_tanh", layer_types=["sliding_attention", "full_attention", "sliding_attention"]))
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_splash_attention_windows_the_sliding_layers(scan_layers):
+  """A model mixing sliding-window and full layers: splash runs the window kernel on the sliding ones (picked
+  per layer inside the scan, or unrolled) = the spelled-out attention with the windowed mask."""
+  batch = _batch()
+  _assert_same(_run(_single(), batch, 1, attention="splash", scan_layers=scan_layers, evaluate=True, cfg=WINDOWED),
+               _run(_single(), batch, 1, evaluate=True, cfg=WINDOWED), 2e-5)
 
 
 def test_splash_attention_on_unpacked_rows_with_an_all_padding_row():

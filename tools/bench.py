@@ -107,7 +107,7 @@ def build(args: argparse.Namespace) -> Setup:
   if args.dtype == "auto":
     args.dtype = steps.auto_compute_dtype(platform)
   if args.attention == "auto":
-    args.attention = steps.auto_attention(platform, args.dtype, cfg.head_dim, any(cfg.layer_is_sliding))
+    args.attention = steps.auto_attention(platform, args.dtype, cfg.head_dim)
   mesh = sharding.make_mesh(data=args.data, fsdp=args.fsdp, tensor=args.tensor)
   graphdef, abstract, _ = load.abstract_model(cfg)
   param_sh = load.param_shardings(mesh, cfg)

@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.remat = "none"  # none | full | dots: recompute activations in the backward pass (needs scan_layers)
   # auto: cudnn on NVIDIA GPUs in bfloat16/float16, splash on TPUs (heads a multiple of 128), else einsum
   # | einsum (any backend) | jax (jax.nn.dot_product_attention) | cudnn (cuDNN flash attention; GPU, 16-bit
-  # compute) | splash (Pallas splash attention with segment ids; TPU, models without sliding-window layers)
+  # compute) | splash (Pallas splash attention with segment ids; TPU)
   c.model.attention = "auto"
   c.model.scan_layers = False  # True: one compiled layer in a loop (fast compiles for deep models); False: unrolled
   # positions per fused cross-entropy chunk: logits never whole, unweighted positions skipped; 0 = whole-row logits

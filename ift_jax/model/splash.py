@@ -3,7 +3,8 @@
 The kernel is JAX's own (`jax.experimental.pallas.ops.tpu.splash_attention`). It takes each row's segment ids
 instead of a dense B×L×S mask, skips key blocks above the causal diagonal, and handles grouped-query heads
 natively. Being a Pallas kernel, XLA cannot partition it: under a mesh it runs inside `shard_map`, each device
-on its own rows (and its heads, where the tensor axis divides both query and key/value heads).
+on its own rows (and its heads, where the tensor axis divides both query and key/value heads). Sliding-window
+layers (Mistral, Qwen2 windows, Gemma 3) get a local-window kernel; a model mixing both picks per layer.
 
 On other backends it runs in Pallas's interpreter: exact, but slow — for tests of this wrapper on CPU only.
 
@@ -25,25 +26,26 @@ _PAD_SEGMENT = -1  # segment of the padding added for the tiles: no real token (
 
 
 def splash_attention(q_BxLxHxE: jax.Array, k_BxLxKxE: jax.Array, v_BxLxKxE: jax.Array,
-                     segment_ids_BxL: jax.Array, scale: float) -> jax.Array:
-  """softmax(q·kᵀ·scale) v over keys at or before each query in the same segment; out_BxLxHxE.
+                     segment_ids_BxL: jax.Array, scale: float, window: int | None = None) -> jax.Array:
+  """softmax(q·kᵀ·scale) v over keys at or before each query in the same segment (and, with `window`, fewer than
+  `window` positions back); out_BxLxHxE.
 
   Tokens of segment 0 (padding) attend among themselves causally: finite junk at positions of weight 0.
   """
+  local = functools.partial(_splash_local, scale=scale, window=window)
   mesh = sharding.active_mesh()
   if mesh is None:
-    return _splash_local(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, segment_ids_BxL, scale)
-  h, kv = q_BxLxHxE.shape[2], k_BxLxKxE.shape[2]
-  heads = "tensor" if h % mesh.shape["tensor"] == 0 and kv % mesh.shape["tensor"] == 0 else None
-  rows = sharding.logical_to_spec(("batch",), q_BxLxHxE.shape[:1], mesh)[0]
-  qkv_spec = P(rows, None, heads, None)
-  fn = jax.shard_map(functools.partial(_splash_local, scale=scale), mesh=mesh,
-                     in_specs=(qkv_spec, qkv_spec, qkv_spec, P(rows, None)), out_specs=qkv_spec,
+    return local(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, segment_ids_BxL)
+  q_spec = sharding.logical_to_spec(("batch", "length", "heads", "head_dim"), q_BxLxHxE.shape, mesh)
+  kv_spec = sharding.logical_to_spec(("batch", "length", "kv_heads", "head_dim"), k_BxLxKxE.shape, mesh)
+  if q_spec[2] != kv_spec[2]:  # a shard must hold whole groups: its query heads and their key/value heads
+    q_spec, kv_spec = P(*q_spec[:2], None, q_spec[3]), P(*kv_spec[:2], None, kv_spec[3])
+  fn = jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P(*q_spec[:2])), out_specs=q_spec,
                      check_vma=False)
   return fn(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, segment_ids_BxL)
 
 
-def _splash_local(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, segment_ids_BxL, scale):
+def _splash_local(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, segment_ids_BxL, scale, window):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
   b, l, h, e = q_BxLxHxE.shape
   pad = -l % BLOCK
@@ -52,19 +54,23 @@ def _splash_local(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, segment_ids_BxL, scale):
   q_BxLxHxE = q_BxLxHxE * jnp.asarray(scale, q_BxLxHxE.dtype)
   to_heads_first = lambda a: jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
   segment_ids_BxL = jnp.pad(segment_ids_BxL.astype(jnp.int32), ((0, 0), (0, pad)), constant_values=_PAD_SEGMENT)
-  kernel = _kernel(h, padded, interpret=jax.devices()[0].platform != "tpu")
+  kernel = _kernel(h, padded, window, interpret=jax.devices()[0].platform != "tpu")
   segments = kernel_lib.SegmentIds(q=segment_ids_BxL, kv=segment_ids_BxL)
   out_BxHxLxE = jax.vmap(kernel, in_axes=(0, 0, 0, kernel_lib.SegmentIds(q=0, kv=0)))(
       to_heads_first(q_BxLxHxE), to_heads_first(k_BxLxKxE), to_heads_first(v_BxLxKxE), segments)
   return out_BxHxLxE.transpose(0, 2, 1, 3)[:, :l]
 
 
-def _kernel(heads: int, length: int, *, interpret: bool):
-  """The causal kernel for `heads` heads of `length` positions. Built anew in each trace, not cached: it holds
-  arrays (its block-sparsity tables) that would leak from one trace into the next."""
+def _kernel(heads: int, length: int, window: int | None, *, interpret: bool):
+  """The causal (or causal sliding-window) kernel for `heads` heads of `length` positions. Built anew in each
+  trace, not cached: it holds arrays (its block-sparsity tables) that would leak from one trace into the next."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
-  mask = mask_lib.MultiHeadMask([mask_lib.CausalMask((length, length)) for _ in range(heads)])
+  if window is None:
+    head_mask = mask_lib.CausalMask((length, length))
+  else:  # keys at most window - 1 positions back, none ahead: the model's `distance < sliding_window`
+    head_mask = mask_lib.LocalMask((length, length), window_size=(window - 1, 0), offset=0)
+  mask = mask_lib.MultiHeadMask([head_mask for _ in range(heads)])
   blocks = kernel_lib.BlockSizes(block_q=BLOCK, block_kv=BLOCK, block_kv_compute=BLOCK, block_q_dkv=BLOCK,
                                  block_kv_dkv=BLOCK, block_kv_dkv_compute=BLOCK, block_q_dq=BLOCK,
                                  block_kv_dq=BLOCK)

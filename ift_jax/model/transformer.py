@@ -106,15 +106,12 @@ class Transformer(nnx.Module):
     stacked = {name: p[...].astype(compute_dtype) for name, p in nnx.state(self.layers).items()}
     sliding_N = jnp.asarray(cfg.layer_is_sliding)
 
-    if attention == "splash" and any(cfg.layer_is_sliding):
-      raise ValueError("model.attention='splash' cannot mask sliding-window layers (Gemma 3 has them); use "
-                       "'einsum' or 'auto'")
     segments_BxL = segment_ids_BxL if attention == "splash" else None
 
     def body(x, layer_and_sliding):
       layer, sliding = layer_and_sliding
       return block(x, layer, cfg, *context.pick(sliding), implementation=attention, lengths_B=lengths_B,
-                   segment_ids_BxL=segments_BxL), None
+                   segment_ids_BxL=segments_BxL, sliding=sliding), None
 
     x_BxLxD, _ = jax.lax.scan(_remat(body, remat), x_BxLxD, (stacked, sliding_N), unroll=not scan_layers)
     return x_BxLxD
@@ -273,11 +270,12 @@ def _remat(fn, policy: str):
 
 def block(x_BxLxD: jax.Array, layer: dict[str, jax.Array], cfg: ModelConfig, cos_BxLxE: jax.Array,
           sin_BxLxE: jax.Array, mask_Bx1x1xLxS: jax.Array, *, implementation: str = "einsum",
-          lengths_B: jax.Array | None = None, segment_ids_BxL: jax.Array | None = None) -> jax.Array:
+          lengths_B: jax.Array | None = None, segment_ids_BxL: jax.Array | None = None,
+          sliding: jax.Array | bool = False) -> jax.Array:
   """One pre-norm decoder block: x + attention(norm(x)), then + MLP(norm(x)); Gemma also norms each output."""
   h_BxLxD = _norm(x_BxLxD, layer["attn_norm"], cfg)
   h_BxLxD = attention(h_BxLxD, layer, cfg, cos_BxLxE, sin_BxLxE, mask_Bx1x1xLxS, implementation=implementation,
-                      lengths_B=lengths_B, segment_ids_BxL=segment_ids_BxL)
+                      lengths_B=lengths_B, segment_ids_BxL=segment_ids_BxL, sliding=sliding)
   return finish_block(x_BxLxD, h_BxLxD, layer, cfg)
 
 
@@ -309,7 +307,8 @@ ATTENTION = ("einsum", "jax", "cudnn", "splash")
 
 def attention(x_BxLxD: jax.Array, layer: dict[str, jax.Array], cfg: ModelConfig, cos_BxLxE: jax.Array,
               sin_BxLxE: jax.Array, mask_Bx1x1xLxS: jax.Array, *, implementation: str = "einsum",
-              lengths_B: jax.Array | None = None, segment_ids_BxL: jax.Array | None = None) -> jax.Array:
+              lengths_B: jax.Array | None = None, segment_ids_BxL: jax.Array | None = None,
+              sliding: jax.Array | bool = False) -> jax.Array:
   """Grouped-query attention with RoPE; softmax in float32.
 
   `implementation`: "einsum" spells the attention out (any backend; XLA fuses it); "jax" calls
@@ -320,7 +319,8 @@ def attention(x_BxLxD: jax.Array, layer: dict[str, jax.Array], cfg: ModelConfig,
   causal + padding masking themselves: no dense B×L×S mask for cuDNN to read as a bias (H200, llama-1b 8×2048:
   a step 0.235 s instead of 0.249 s). Padding queries' outputs are unused: their positions have weight 0.
   "splash" is Pallas splash attention (TPU; see ift_jax.model.splash): causal by position in the row, each query
-  limited to keys of its own segment by `segment_ids_BxL` — packed rows without any dense mask.
+  limited to keys of its own segment by `segment_ids_BxL` — packed rows without any dense mask — and, where the
+  layer's (traced) `sliding` flag is set, to the model's window.
   """
   q_BxLxHxE, k_BxSxKxE, v_BxSxKxE = project_qkv(x_BxLxD, layer, cfg, cos_BxLxE, sin_BxLxE)
   if implementation == "einsum":
@@ -332,8 +332,12 @@ def attention(x_BxLxD: jax.Array, layer: dict[str, jax.Array], cfg: ModelConfig,
   if implementation == "splash":
     if segment_ids_BxL is None:
       raise ValueError("attention 'splash' needs the rows' segment ids")
-    out_BxLxHxE = splash.splash_attention(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxL,
-                                          (cfg.query_pre_attn_scalar or e) ** -0.5)
+    run = functools.partial(splash.splash_attention, scale=(cfg.query_pre_attn_scalar or e) ** -0.5)
+    args = (q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxL)
+    if not any(cfg.layer_is_sliding):
+      out_BxLxHxE = run(*args)
+    else:  # the window kernel on sliding layers: one of the two runs per layer
+      out_BxLxHxE = jax.lax.cond(sliding, functools.partial(run, window=cfg.sliding_window), run, *args)
     return dense(out_BxLxHxE, layer["o"], contract=2)
   if lengths_B is None:
     masking = dict(mask=mask_Bx1x1xLxS[:, 0], is_causal=implementation == "cudnn")
