@@ -92,9 +92,13 @@ def compute_dtype_name(c: Any) -> str:
 def attention_implementation(c: Any, cfg: Any) -> str:
   """model.attention, with "auto" resolved by `steps.auto_attention`."""
   option = model_option(c, "attention")
+  platform = jax.devices()[0].platform
+  if option == "splash" and platform != "tpu":  # elsewhere Pallas would interpret the TPU kernel, very slowly
+    raise UserError(f"model.attention='splash' is a TPU kernel and this run is on {platform}; use auto, einsum, "
+                    "jax or cudnn")
   if option != "auto":
     return option
-  return steps.auto_attention(jax.devices()[0].platform, compute_dtype_name(c), cfg.head_dim)
+  return steps.auto_attention(platform, compute_dtype_name(c), cfg.head_dim)
 
 
 def model_option(c: Any, key: str) -> Any:

@@ -178,6 +178,11 @@ def test_auto_attention_picks_cudnn_and_splash_only_where_they_run(inputs, monke
   assert train.attention_implementation(c, gemma) == "splash"  # its sliding layers get the window kernel
   c.model.attention = "jax"
   assert train.attention_implementation(c, cfg) == "jax"
+  c.model.attention = "splash"
+  assert train.attention_implementation(c, cfg) == "splash"  # forced, even for heads of 64
+  monkeypatch.setattr(train.jax, "devices", lambda: [SimpleNamespace(platform="gpu")])
+  with pytest.raises(UserError, match="model.attention='splash' is a TPU kernel and this run is on gpu"):
+    train.attention_implementation(c, cfg)
 
 
 def test_auto_compute_dtype_is_float32_on_cpu_bfloat16_on_accelerators(inputs, monkeypatch):

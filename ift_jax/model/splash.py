@@ -50,7 +50,8 @@ def _splash_local(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, segment_ids_BxL, scale, windo
   b, l, h, e = q_BxLxHxE.shape
   pad = -l % BLOCK
   padded = l + pad
-  # The kernel does not scale the scores: scale the queries (by 1/8 or 1/16 for heads of 64 or 256: exact).
+  # The kernel does not scale the scores: scale the queries (exact where the scale is a power of two, as for
+  # heads of 64 or Gemma's 256; one rounding of q otherwise).
   q_BxLxHxE = q_BxLxHxE * jnp.asarray(scale, q_BxLxHxE.dtype)
   to_heads_first = lambda a: jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
   segment_ids_BxL = jnp.pad(segment_ids_BxL.astype(jnp.int32), ((0, 0), (0, pad)), constant_values=_PAD_SEGMENT)
