@@ -106,12 +106,10 @@ class Transformer(nnx.Module):
     stacked = {name: p[...].astype(compute_dtype) for name, p in nnx.state(self.layers).items()}
     sliding_N = jnp.asarray(cfg.layer_is_sliding)
 
-    segments_BxL = segment_ids_BxL if attention == "splash" else None
-
     def body(x, layer_and_sliding):
       layer, sliding = layer_and_sliding
       return block(x, layer, cfg, *context.pick(sliding), implementation=attention, lengths_B=lengths_B,
-                   segment_ids_BxL=segments_BxL, sliding=sliding), None
+                   segment_ids_BxL=segment_ids_BxL, sliding=sliding), None
 
     x_BxLxD, _ = jax.lax.scan(_remat(body, remat), x_BxLxD, (stacked, sliding_N), unroll=not scan_layers)
     return x_BxLxD
