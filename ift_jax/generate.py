@@ -28,7 +28,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ift_jax import sharding
 from ift_jax.errors import UserError
 from ift_jax.model.config import ModelConfig
-from ift_jax.model.transformer import empty_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,22 +98,30 @@ class Generator:
     # Outputs are small (B×T ids, B×C scores) and replicated, so every process reads whole batches.
     replicated = NamedSharding(mesh, P())
     self._decode = jax.jit(self._decode_batch, out_shardings=replicated)
-    self._score_next = jax.jit(self._score_next_batch, out_shardings=replicated)
     self._score_tokens = jax.jit(self._score_tokens_batch, out_shardings=replicated)
 
   def _decode_batch(self, params: Any, tokens_BxP: jax.Array, positions_BxP: jax.Array, key: jax.Array,
-                    candidates_BxC: jax.Array) -> tuple[jax.Array, jax.Array]:
+                    candidates_BxC: jax.Array, prefix_BxK: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Prefill, then a while loop of single-token steps; returns new_BxT (pad after a row's EOS) and the
-    first step's log-probabilities of the candidate tokens, (B, C)."""
+    log-probabilities of the candidate tokens after the prompt and the row's prefix, (B, C).
+
+    prefix_BxK holds each row's prefix left-padded with -1 (K = 0: no prefixes)."""
     self.traces += 1  # runs at trace time only, so it counts compilations
     model = nnx.merge(self.graphdef, nnx.State(params))
     b, p = tokens_BxP.shape
     t_max, eos_E = self.max_new_tokens, jnp.asarray(self.eos_ids, jnp.int32)
     step = lambda tok_BxL, pos_BxL, cache, start: model.decode(
         tok_BxL, pos_BxL, cache, start, compute_dtype=self.compute_dtype, last_only=True)
-    cache = empty_cache(self.cfg, b, p + t_max, self.compute_dtype)
-    logits_Bx1xV, cache = step(tokens_BxP, positions_BxP, cache, 0)
-    first_BxC = jnp.take_along_axis(jax.nn.log_softmax(logits_Bx1xV[:, 0].astype(jnp.float32), axis=-1),
+    logits_Bx1xV, cache = model.prefill(tokens_BxP, positions_BxP, p + max(t_max, prefix_BxK.shape[1]),
+                                        compute_dtype=self.compute_dtype, last_only=True)
+    scored_BxV = logits_Bx1xV[:, 0]
+    if prefix_BxK.shape[1]:
+      # One more cached step reads the prefix; its cache is dropped, so generation goes on from the prompt.
+      filled_BxK = prefix_BxK >= 0
+      after_BxK = jnp.where(filled_BxK, positions_BxP[:, -1:] + jnp.cumsum(filled_BxK, axis=1), -1)
+      prefixed_Bx1xV, _ = step(jnp.where(filled_BxK, prefix_BxK, self.pad_id), after_BxK, cache, p)
+      scored_BxV = jnp.where(filled_BxK[:, -1:], prefixed_Bx1xV[:, 0], scored_BxV)
+    first_BxC = jnp.take_along_axis(jax.nn.log_softmax(scored_BxV.astype(jnp.float32), axis=-1),
                                     candidates_BxC, axis=-1)
     key, draw = jax.random.split(key)
     token_B = choose(logits_Bx1xV[:, 0], draw, self.sampling)
@@ -133,22 +140,11 @@ class Generator:
     state = jax.lax.while_loop(lambda s: (s[0] < t_max) & ~jnp.all(s[5]), body, state)
     return sharding.constrain(state[4], ("batch", "length")), first_BxC
 
-  def _score_next_batch(self, params: Any, tokens_BxP: jax.Array, positions_BxP: jax.Array,
-                        candidates_BxC: jax.Array) -> jax.Array:
-    """log p(candidate | prompt) for the token after each prompt: one prefill, no decoding loop."""
-    model = nnx.merge(self.graphdef, nnx.State(params))
-    cache = empty_cache(self.cfg, *tokens_BxP.shape, self.compute_dtype)
-    logits_Bx1xV, _ = model.decode(tokens_BxP, positions_BxP, cache, 0, compute_dtype=self.compute_dtype,
-                                   last_only=True)
-    logp_BxV = jax.nn.log_softmax(logits_Bx1xV[:, 0].astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp_BxV, candidates_BxC, axis=-1)
-
   def _score_tokens_batch(self, params: Any, tokens_BxP: jax.Array, positions_BxP: jax.Array,
                           targets_BxP: jax.Array, weights_BxP: jax.Array) -> jax.Array:
     """Sum over a row of weights × log p(target | tokens so far): (B,)."""
     model = nnx.merge(self.graphdef, nnx.State(params))
-    cache = empty_cache(self.cfg, *tokens_BxP.shape, self.compute_dtype)
-    logits_BxPxV, _ = model.decode(tokens_BxP, positions_BxP, cache, 0, compute_dtype=self.compute_dtype)
+    logits_BxPxV, _ = model.prefill(tokens_BxP, positions_BxP, tokens_BxP.shape[1], compute_dtype=self.compute_dtype)
     logp_BxPxV = jax.nn.log_softmax(logits_BxPxV.astype(jnp.float32), axis=-1)
     logp_BxP = jnp.take_along_axis(logp_BxPxV, targets_BxP[..., None], axis=-1)[..., 0]
     return jnp.sum(logp_BxP * weights_BxP, axis=-1)
@@ -173,47 +169,40 @@ class Generator:
     return self.generate(prompts, seed=seed)[0]
 
   def generate(self, prompts: Sequence[Sequence[int]], *, seed: int = 0,
-               candidates: Sequence[Sequence[int]] | None = None) -> tuple[list[list[int]], np.ndarray]:
-    """(new ids of each prompt up to the first EOS, (N, C) log p of candidates[i] as the first new token).
+               candidates: Sequence[Sequence[int]] | None = None,
+               prefixes: Sequence[Sequence[int]] | None = None) -> tuple[list[list[int]], np.ndarray]:
+    """(new ids of each prompt up to the first EOS, (N, C) log p(candidates[i][c] | prompts[i] + prefixes[i])).
 
-    The candidate scores come from the prefill that generation runs anyway: rank classification over
-    single-token answer choices costs nothing extra. Without candidates the scores are (N, 0).
+    Rank classification over answer choices that differ only in their last token comes almost free this way:
+    the candidates are the choices' last tokens, the prefix their shared start (often none), and the scores
+    come from the prefill that generation runs anyway plus one cached step over the prefix. The shared
+    prefix's own likelihood is the same for every choice, so leaving it out does not change the ranking.
+    Generation itself continues from the prompt alone. Without candidates the scores are (N, 0).
     """
     candidates_NxC = np.asarray(candidates if candidates is not None else [[]] * len(prompts), np.int32)
     candidates_NxC = candidates_NxC.reshape(len(prompts), -1)
+    prefixes = prefixes if prefixes is not None else [[]] * len(prompts)
+    prefix_NxK = np.full((len(prompts), max((len(x) for x in prefixes), default=0)), -1, np.int32)
+    for row, ids in zip(prefix_NxK, prefixes):
+      row[len(row) - len(ids):] = ids  # left-padded: every row's last prefix token in the last column
     ids: list[list[int]] = []
     scores = []
     key = jax.random.key(seed)
     for first, tokens_BxP, positions_BxP, rows in self._batches(prompts):
       with sharding.use_mesh(self.mesh):
         new_BxT, first_BxC = self._decode(self.params, tokens_BxP, positions_BxP, jax.random.fold_in(key, first),
-                                          self._candidates(candidates_NxC, first, rows))
+                                          self._rows(candidates_NxC, first, rows, 0),
+                                          self._rows(prefix_NxK, first, rows, -1))
       ids.extend(_until_eos(row, self.eos_ids) for row in np.asarray(new_BxT.addressable_data(0))[:rows])
       scores.append(np.asarray(first_BxC.addressable_data(0))[:rows])
     return ids, np.concatenate(scores) if scores else candidates_NxC.astype(np.float32)
 
-  def _candidates(self, candidates_NxC: np.ndarray, first: int, rows: int) -> jax.Array:
-    """A batch's candidate ids, replicated (padding rows score token 0 and are dropped)."""
-    candidates_BxC = np.zeros((self.batch_size, candidates_NxC.shape[1]), np.int32)
-    candidates_BxC[:rows] = candidates_NxC[first:first + rows]
-    return jax.make_array_from_callback(candidates_BxC.shape, NamedSharding(self.mesh, P()),
-                                        lambda index: candidates_BxC[index])
-
-  def next_token_logprobs(self, prompts: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]]
-                          ) -> np.ndarray:
-    """(N, C) float32: log p(candidates[i][c] | prompts[i]); every candidate list has the same length C.
-
-    Rank classification over answer choices that differ only in their last token reads all choices off one
-    forward pass of prompt + common prefix; only N×C numbers come back to the host, never the logits.
-    """
-    candidates_NxC = np.asarray(candidates, np.int32)
-    out = []
-    for first, tokens_BxP, positions_BxP, rows in self._batches(prompts):
-      with sharding.use_mesh(self.mesh):
-        logp_BxC = self._score_next(self.params, tokens_BxP, positions_BxP,
-                                    self._candidates(candidates_NxC, first, rows))
-      out.append(np.asarray(logp_BxC.addressable_data(0))[:rows])
-    return np.concatenate(out) if out else np.zeros((0, candidates_NxC.shape[-1]), np.float32)
+  def _rows(self, values_NxC: np.ndarray, first: int, rows: int, fill: int) -> jax.Array:
+    """A batch's rows of a small per-prompt table, replicated; rows added to fill the batch hold `fill`."""
+    values_BxC = np.full((self.batch_size, values_NxC.shape[1]), fill, np.int32)
+    values_BxC[:rows] = values_NxC[first:first + rows]
+    return jax.make_array_from_callback(values_BxC.shape, NamedSharding(self.mesh, P()),
+                                        lambda index: values_BxC[index])
 
   def continuation_logprobs(self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
                             ) -> np.ndarray:

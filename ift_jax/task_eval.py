@@ -225,12 +225,14 @@ class Scorer:
     self.short.params = self.long.params = params
     generated: dict[int, str] = {}
     ranked: dict[int, int] = {}
-    # Templates with answer choices: short generations; single-token choices are ranked by the same prefill.
+    # Templates with answer choices: short generations. Choices that differ only in their last token are
+    # ranked by the same prefill (plus one cached step over their shared start, if any).
     width = max((len(self.choice_ids[it.key]) for it in items if self._ranked_by_prefill(it)), default=0)
     chosen = self._ordered(items, prompts, lambda it: bool(it.template.answer_choices) and (
         _needs(it, _GENERATION_METRICS) or self._ranked_by_prefill(it)))
-    candidates = [self._first_tokens(items[i], width) for i in chosen]
-    ids, scores_NxC = self.short.generate([prompts[i] for i in chosen], candidates=candidates)
+    scoring = [self._choice_scoring(items[i], width) for i in chosen]
+    ids, scores_NxC = self.short.generate([prompts[i] for i in chosen], candidates=[c for c, _ in scoring],
+                                          prefixes=[prefix for _, prefix in scoring])
     self._keep_text(items, chosen, ids, generated)
     for i, row in zip(chosen, scores_NxC):
       if self._ranked_by_prefill(items[i]):
@@ -255,15 +257,22 @@ class Scorer:
         generated[i] = cut_at_stop(text.lstrip(), items[i].template.stop)
 
   def _ranked_by_prefill(self, item: Item) -> bool:
-    return (item.gold is not None and _needs(item, _RANK_METRICS)
-            and all(len(c) == 1 for c in self.choice_ids[item.key]))
+    """Ranked by generation's prefill: needs a rank, and its choices differ only in their last token."""
+    if item.gold is None or not _needs(item, _RANK_METRICS):
+      return False
+    choices = self.choice_ids[item.key]
+    return all(len(c) == len(_common_prefix(choices)) + 1 for c in choices)
 
-  def _first_tokens(self, item: Item, width: int) -> list[int]:
-    tokens = [c[0] for c in self.choice_ids[item.key]] if self._ranked_by_prefill(item) else []
-    return (tokens + [0] * width)[:width]
+  def _choice_scoring(self, item: Item, width: int) -> tuple[list[int], list[int]]:
+    """(the choices' last tokens padded to width, their shared start) for an item ranked by the prefill."""
+    if not self._ranked_by_prefill(item):
+      return [0] * width, []
+    choices = self.choice_ids[item.key]
+    return ([c[-1] for c in choices] + [0] * width)[:width], _common_prefix(choices)
 
   def _rank(self, items: Sequence[Item], prompts: Sequence[list[int]], done: dict[int, int]) -> dict[int, int]:
-    """Ranks the items the generation prefill did not: multi-token answer choices."""
+    """Ranks the items the generation prefill did not: choices that differ in more than their last token,
+    by one forward pass per (prompt, choice)."""
     ranked = {}
     by_template: dict[str, list[int]] = {}
     for i, it in enumerate(items):
@@ -272,17 +281,9 @@ class Scorer:
     for key, indices in by_template.items():
       choices = self.choice_ids[key]
       indices = sorted(indices, key=lambda i: len(prompts[i]))
-      prefix = _common_prefix(choices)
-      if all(len(c) == len(prefix) + 1 for c in choices):
-        # Choices differ in their last token only: one forward of prompt + shared prefix ranks them all
-        # (the prefix's likelihood is the same for every choice, so it does not change the ranking).
-        scores_NxC = self.short.next_token_logprobs([prompts[i] + prefix for i in indices],
-                                                    [[c[-1] for c in choices]] * len(indices))
-      else:
-        flat = self.short.continuation_logprobs([prompts[i] for i in indices for _ in choices],
-                                                [c for _ in indices for c in choices])
-        scores_NxC = flat.reshape(len(indices), len(choices))
-      ranked.update({i: int(np.argmax(row)) for i, row in zip(indices, scores_NxC)})
+      flat = self.short.continuation_logprobs([prompts[i] for i in indices for _ in choices],
+                                              [c for _ in indices for c in choices])
+      ranked.update({i: int(np.argmax(row)) for i, row in zip(indices, flat.reshape(len(indices), len(choices)))})
     return ranked
 
 

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from ift_jax import generate, sharding
-from ift_jax.model import load
+from ift_jax.model import load, transformer
 from ift_jax.model.transformer import empty_cache
 from tests import fixtures, hf_models
 
@@ -62,33 +62,46 @@ def test_generation_stops_at_eos_like_transformers(tmp_path):
 
 @pytest.mark.parametrize("family", ["qwen3", "gemma3"])
 def test_cached_decoding_gives_the_full_forward_logits(family, tmp_path):
-  """Prefill 6 tokens (one row left-padded), then 4 one-token steps: each step's logits equal the forward's."""
+  """Prefill 70 tokens (one row left-padded by 20), then 4 one-token steps: each step's logits equal the
+  forward's, whether the prompt went through `decode` on an empty cache or through `prefill` (which attends
+  within the prompt in causal query blocks, 2 at this length); the two fill the cache alike."""
   hf_models.build(family, tmp_path)
   pretrained = load.open_pretrained(str(tmp_path))
   graphdef, _, _ = load.abstract_model(pretrained.cfg)
   mesh = sharding.make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
   params = load.load_params(pretrained, mesh)
-  tokens = np.random.default_rng(0).integers(3, 97, size=(2, 10)).astype(np.int32)
-  positions = np.broadcast_to(np.arange(10, dtype=np.int32), (2, 10)).copy()
-  positions[1, :2], tokens[1, :2] = -1, 0  # row 1: a 8-token sequence after 2 padding slots
-  positions[1, 2:] = np.arange(8)
+  tokens = np.random.default_rng(0).integers(3, 97, size=(2, 74)).astype(np.int32)
+  positions = np.broadcast_to(np.arange(74, dtype=np.int32), (2, 74)).copy()
+  positions[1, :20], tokens[1, :20] = -1, 0  # row 1: a 54-token sequence after 20 padding slots
+  positions[1, 20:] = np.arange(54)
+  assert transformer.causal_query_blocks(70) == 2
 
   @jax.jit
-  def both(params):
+  def run(params):
     model = nnx.merge(graphdef, nnx.State(params))
     segments = (positions >= 0).astype(np.int32)
     full = model(tokens, np.maximum(positions, 0), segments)
-    cache = empty_cache(pretrained.cfg, 2, 12, np.float32)
-    first, cache = model.decode(tokens[:, :6], positions[:, :6], cache, 0)
-    steps = [first]
-    for i in range(6, 10):
-      logits, cache = model.decode(tokens[:, i:i + 1], positions[:, i:i + 1], cache, i)
-      steps.append(logits)
-    return full, jax.numpy.concatenate(steps, axis=1)
+    decoded = model.decode(tokens[:, :70], positions[:, :70], empty_cache(pretrained.cfg, 2, 76, np.float32), 0)
+    prefilled = model.prefill(tokens[:, :70], positions[:, :70], 76)
+    out = []
+    for first, cache in (decoded, prefilled):
+      steps = [first]
+      for i in range(70, 74):
+        logits, cache = model.decode(tokens[:, i:i + 1], positions[:, i:i + 1], cache, i)
+        steps.append(logits)
+      out.append((jax.numpy.concatenate(steps, axis=1), cache))
+    return full, out
 
-  full, cached = map(np.asarray, both(params))
-  np.testing.assert_allclose(cached[0], full[0], atol=1e-4)
-  np.testing.assert_allclose(cached[1, 2:], full[1, 2:], atol=1e-4)  # padding queries are not compared
+  full, out = jax.tree.map(np.asarray, run(params))
+  for cached, _ in out:
+    np.testing.assert_allclose(cached[0], full[0], atol=1e-4)
+    np.testing.assert_allclose(cached[1, 20:], full[1, 20:], atol=1e-4)  # padding queries are not compared
+  (_, decoded), (_, prefilled) = out
+  np.testing.assert_array_equal(decoded["positions"], prefilled["positions"])
+  filled = decoded["positions"] >= 0  # (B, S): empty and padding slots hold nothing anyone reads
+  for name in ("k", "v"):
+    np.testing.assert_allclose(decoded[name].transpose(0, 1, 3, 2, 4)[:, filled],
+                               prefilled[name].transpose(0, 1, 3, 2, 4)[:, filled], atol=1e-5)
 
 
 def test_a_second_batch_in_the_same_bucket_does_not_recompile(tmp_path):

@@ -70,13 +70,19 @@ def test_rank_scores_equal_transformers_and_the_fast_path_ranks_the_same(tmp_pat
   flat = gen.continuation_logprobs([p for p in prompts for _ in choices], [c for _ in prompts for c in choices])
   expected = [_torch_logprob(reference, p, c) for p in prompts for c in choices]
   np.testing.assert_allclose(flat, expected, atol=1e-4)
-  fast = gen.next_token_logprobs([p + [30] for p in prompts], [[31, 32, 33]] * len(prompts))
-  # The fast path leaves out log p(shared token), the same for every choice: the differences agree.
   full = flat.reshape(len(prompts), len(choices))
+  # Choices sharing their first token: ranked off generation's prefill plus one cached step over that token.
+  # That leaves out log p(shared token), the same for every choice: the differences agree.
+  ids, fast = gen.generate(prompts, candidates=[[31, 32, 33]] * len(prompts), prefixes=[[30]] * len(prompts))
   np.testing.assert_allclose(fast - fast[:, :1], full - full[:, :1], atol=1e-4)
-  # Single-token choices are read off the prefill that generation runs anyway: the same numbers.
-  _, first = gen.generate(prompts, candidates=[[31, 32, 33]] * len(prompts))
-  np.testing.assert_allclose(first, gen.next_token_logprobs(prompts, [[31, 32, 33]] * len(prompts)), atol=1e-5)
+  assert ids == gen.generate_ids(prompts)  # generation itself goes on from the prompt, not from the prefix
+  # Prefixes of different lengths in one batch (none; one token; three, longer than max_new_tokens=2): each
+  # row's scores are exactly log p(candidate | prompt + prefix).
+  prefixes = [[], [30], [30, 4, 17]]
+  _, mixed = gen.generate(prompts, candidates=[[31, 32, 33]] * len(prompts), prefixes=prefixes)
+  exact = gen.continuation_logprobs([p + x for p, x in zip(prompts, prefixes) for _ in range(3)],
+                                    [[c] for _ in prompts for c in (31, 32, 33)])
+  np.testing.assert_allclose(mixed, exact.reshape(len(prompts), 3), atol=1e-4)
 
 
 def test_host_memory_stays_flat_with_the_number_of_examples(tmp_path):
@@ -89,9 +95,9 @@ def test_host_memory_stays_flat_with_the_number_of_examples(tmp_path):
   prompt = list(range(3, 63))
 
   def peak(n):
-    gen.next_token_logprobs([prompt] * n, [[5, 6]] * n)  # compiled already: measures the loop only
+    gen.generate([prompt] * n, candidates=[[5, 6]] * n)  # compiled already: measures the loop only
     tracemalloc.start()
-    gen.next_token_logprobs([prompt] * n, [[5, 6]] * n)
+    gen.generate([prompt] * n, candidates=[[5, 6]] * n)
     _, top = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     return top

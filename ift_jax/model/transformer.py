@@ -139,16 +139,52 @@ class Transformer(nnx.Module):
     context = cache_attention_context(positions_BxL, key_positions_BxS, cfg)
     stacked = {name: p[...].astype(compute_dtype) for name, p in nnx.state(self.layers).items()}
 
-    def body(x, xs):
-      layer, sliding, k_BxSxKxE, v_BxSxKxE = xs
-      return cached_block(x, layer, cfg, k_BxSxKxE, v_BxSxKxE, start, *context.pick(sliding))
+    def body(carry, xs):
+      # The whole cache rides in the carry and each layer writes its slots in place. As scanned inputs and
+      # outputs (and laid out slots before heads) it was copied whole at every step: SmolLM2-135M, 16 rows,
+      # 560 slots, 2 CPU cores: 0.29 s a step then, 0.14 s now.
+      x, k_NxBxKxSxE, v_NxBxKxSxE = carry
+      index, layer, sliding = xs
+      return cached_block(x, layer, cfg, k_NxBxKxSxE, v_NxBxKxSxE, index, start, *context.pick(sliding)), None
 
-    x_BxLxD, (k_NxBxSxKxE, v_NxBxSxKxE) = jax.lax.scan(
-        body, x_BxLxD, (stacked, jnp.asarray(cfg.layer_is_sliding), cache["k"], cache["v"]))
+    layers = (jnp.arange(cfg.num_layers), stacked, jnp.asarray(cfg.layer_is_sliding))
+    (x_BxLxD, k_NxBxKxSxE, v_NxBxKxSxE), _ = jax.lax.scan(body, (x_BxLxD, cache["k"], cache["v"]), layers)
     if last_only:
       x_BxLxD = x_BxLxD[:, -1:]
-    new_cache = {"k": k_NxBxSxKxE, "v": v_NxBxSxKxE, "positions": key_positions_BxS}
+    new_cache = {"k": k_NxBxKxSxE, "v": v_NxBxKxSxE, "positions": key_positions_BxS}
     return self.head(x_BxLxD, compute_dtype), new_cache
+
+  def prefill(self, tokens_BxP: jax.Array, positions_BxP: jax.Array, cache_length: int, *,
+              compute_dtype: Any = jnp.float32, last_only: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`decode` of P prompt tokens into a new, empty cache of `cache_length` slots: the same results, cheaper.
+
+    The prompt attends within itself as in training (causal query blocks skip the masked triangle) instead of
+    over every slot of the cache; its keys and values then fill the cache's first P slots in one write.
+    (SmolLM2-135M, 16 prompts of 512 tokens on 2 CPU cores: 10.9 s as a `decode`, 9.9 s here.)
+    """
+    cfg = self.cfg
+    x_BxPxD = self._embed(tokens_BxP, self.embed[...], compute_dtype)
+    context = cache_attention_context(positions_BxP, positions_BxP, cfg)  # causal by position; padding: -1
+    stacked = {name: p[...].astype(compute_dtype) for name, p in nnx.state(self.layers).items()}
+    blocks = causal_query_blocks(tokens_BxP.shape[1])
+
+    def body(x_BxPxD, xs):
+      layer, sliding = xs
+      cos_BxPxE, sin_BxPxE, mask_Bx1x1xPxP = context.pick(sliding)
+      q_BxPxHxE, k_BxPxKxE, v_BxPxKxE = project_qkv(_norm(x_BxPxD, layer["attn_norm"], cfg), layer, cfg,
+                                                    cos_BxPxE, sin_BxPxE)
+      h_BxPxD = attend(q_BxPxHxE, k_BxPxKxE, v_BxPxKxE, mask_Bx1x1xPxP, layer, cfg, query_blocks=blocks)
+      return finish_block(x_BxPxD, h_BxPxD, layer, cfg), (k_BxPxKxE, v_BxPxKxE)
+
+    x_BxPxD, (k_NxBxPxKxE, v_NxBxPxKxE) = jax.lax.scan(body, x_BxPxD, (stacked, jnp.asarray(cfg.layer_is_sliding)))
+    if last_only:
+      x_BxPxD = x_BxPxD[:, -1:]
+    cache = empty_cache(cfg, tokens_BxP.shape[0], cache_length, compute_dtype)
+    new_cache = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], new.transpose(0, 1, 3, 2, 4), 0, axis=3)
+                 for name, new in (("k", k_NxBxPxKxE), ("v", v_NxBxPxKxE))}
+    new_cache["positions"] = jax.lax.dynamic_update_slice_in_dim(cache["positions"], positions_BxP, 0, axis=1)
+    return self.head(x_BxPxD, compute_dtype), {name: sharding.constrain(x, CACHE_AXES[name])
+                                               for name, x in new_cache.items()}
 
   def _embed(self, tokens_BxL: jax.Array, embed_VxD: jax.Array, compute_dtype: Any) -> jax.Array:
     x_BxLxD = embed_VxD.astype(compute_dtype)[tokens_BxL]
@@ -176,33 +212,39 @@ class Transformer(nnx.Module):
     return self.lm_head[...].astype(compute_dtype), False
 
 
-CACHE_AXES = {"k": ("layers", "batch", "length", "kv_heads", "head_dim"),
-              "v": ("layers", "batch", "length", "kv_heads", "head_dim"),
+CACHE_AXES = {"k": ("layers", "batch", "kv_heads", "length", "head_dim"),
+              "v": ("layers", "batch", "kv_heads", "length", "head_dim"),
               "positions": ("batch", "length")}
 
 
 def empty_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any) -> dict[str, jax.Array]:
-  """A K/V cache of `length` slots per row, stacked on the layers axis; every slot empty (position -1)."""
-  shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+  """A K/V cache of `length` slots per row, stacked on the layers axis; every slot empty (position -1).
+
+  Keys and values are laid out (N, B, K, S, E), heads before slots, as attention reads them: no transpose a step.
+  """
+  shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
   cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
            "positions": jnp.full((batch, length), -1, jnp.int32)}
   return {name: sharding.constrain(x, CACHE_AXES[name]) for name, x in cache.items()}
 
 
-def cached_block(x_BxLxD: jax.Array, layer: dict[str, jax.Array], cfg: ModelConfig, k_BxSxKxE: jax.Array,
-                 v_BxSxKxE: jax.Array, start: jax.Array, cos_BxLxE: jax.Array, sin_BxLxE: jax.Array,
-                 mask_Bx1x1xLxS: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-  """`block` for new tokens whose keys and values are written into this layer's cache before attending."""
+def cached_block(x_BxLxD: jax.Array, layer: dict[str, jax.Array], cfg: ModelConfig, k_NxBxKxSxE: jax.Array,
+                 v_NxBxKxSxE: jax.Array, index: jax.Array, start: jax.Array, cos_BxLxE: jax.Array,
+                 sin_BxLxE: jax.Array, mask_Bx1x1xLxS: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`block` for new tokens whose keys and values are written into layer `index` of the cache (slots from
+  `start`) before attending; returns (x, the cache's keys, values)."""
   h_BxLxD = _norm(x_BxLxD, layer["attn_norm"], cfg)
   q_BxLxHxE, k_new, v_new = project_qkv(h_BxLxD, layer, cfg, cos_BxLxE, sin_BxLxE)
-  axes = ("batch", "length", "kv_heads", "head_dim")
-  k_BxSxKxE = sharding.constrain(jax.lax.dynamic_update_slice_in_dim(
-      k_BxSxKxE, k_new.astype(k_BxSxKxE.dtype), start, axis=1), axes)
-  v_BxSxKxE = sharding.constrain(jax.lax.dynamic_update_slice_in_dim(
-      v_BxSxKxE, v_new.astype(v_BxSxKxE.dtype), start, axis=1), axes)
-  h_BxLxD = attend(q_BxLxHxE, k_BxSxKxE.astype(q_BxLxHxE.dtype), v_BxSxKxE.astype(q_BxLxHxE.dtype),
-                   mask_Bx1x1xLxS, layer, cfg)
-  return finish_block(x_BxLxD, h_BxLxD, layer, cfg), (k_BxSxKxE, v_BxSxKxE)
+
+  def write(cache_NxBxKxSxE, new_BxLxKxE):
+    new_1xBxKxLxE = new_BxLxKxE.transpose(0, 2, 1, 3)[None].astype(cache_NxBxKxSxE.dtype)
+    cache_NxBxKxSxE = jax.lax.dynamic_update_slice(cache_NxBxKxSxE, new_1xBxKxLxE, (index, 0, 0, start, 0))
+    return sharding.constrain(cache_NxBxKxSxE, CACHE_AXES["k"])
+
+  k_NxBxKxSxE, v_NxBxKxSxE = write(k_NxBxKxSxE, k_new), write(v_NxBxKxSxE, v_new)
+  h_BxLxD = attend_heads_major(q_BxLxHxE, k_NxBxKxSxE[index].astype(q_BxLxHxE.dtype),
+                               v_NxBxKxSxE[index].astype(q_BxLxHxE.dtype), mask_Bx1x1xLxS, layer, cfg)
+  return finish_block(x_BxLxD, h_BxLxD, layer, cfg), k_NxBxKxSxE, v_NxBxKxSxE
 
 
 def cache_attention_context(positions_BxL: jax.Array, key_positions_BxS: jax.Array, cfg: ModelConfig
@@ -389,11 +431,18 @@ def attend(q_BxLxHxE: jax.Array, k_BxSxKxE: jax.Array, v_BxSxKxE: jax.Array, mas
   over the same unmasked keys), with ~(n + 1) / 2n of the score work (SmolLM2-135M, 4 blocks at 8×128: 7.8
   instead of 13.4 ms a layer).
   """
+  return attend_heads_major(q_BxLxHxE, k_BxSxKxE.transpose(0, 2, 1, 3), v_BxSxKxE.transpose(0, 2, 1, 3),
+                            mask_Bx1x1xLxS, layer, cfg, query_blocks=query_blocks)
+
+
+def attend_heads_major(q_BxLxHxE: jax.Array, k_BxKxSxE: jax.Array, v_BxKxSxE: jax.Array,
+                       mask_Bx1x1xLxS: jax.Array, layer: dict[str, jax.Array], cfg: ModelConfig, *,
+                       query_blocks: int = 1) -> jax.Array:
+  """`attend` with keys and values laid out heads before positions (B, K, S, E), as the K/V cache holds them."""
   b, l, h, e = q_BxLxHxE.shape
-  kv, s = cfg.num_kv_heads, k_BxSxKxE.shape[1]
+  kv, s = cfg.num_kv_heads, k_BxKxSxE.shape[2]
   g = h // kv
   q_BxKxMxE = q_BxLxHxE.reshape(b, l, kv, g, e).transpose(0, 2, 1, 3, 4).reshape(b, kv, l * g, e)  # M = (L, G)
-  k_BxKxSxE, v_BxKxSxE = k_BxSxKxE.transpose(0, 2, 1, 3), v_BxSxKxE.transpose(0, 2, 1, 3)
   scale = (cfg.query_pre_attn_scalar or e) ** -0.5
   if query_blocks > 1 and s != l:
     raise ValueError(f"query_blocks={query_blocks} needs the queries' own {l} keys, got {s}")
