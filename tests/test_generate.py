@@ -104,6 +104,12 @@ def test_cached_decoding_gives_the_full_forward_logits(family, tmp_path):
                                prefilled[name].transpose(0, 1, 3, 2, 4)[:, filled], atol=1e-5)
 
 
+def test_length_buckets_are_powers_of_two_and_one_and_a_half_times_them():
+  lengths = [1, 16, 17, 24, 25, 33, 48, 49, 100, 129, 192, 193, 500]
+  assert [generate.bucket_length(n) for n in lengths] == [16, 16, 24, 24, 32, 48, 48, 64, 128, 192, 192, 256, 512]
+  assert generate.bucket_length(5, minimum=8) == 8 and generate.bucket_length(3, minimum=1) == 3
+
+
 def test_a_second_batch_in_the_same_bucket_does_not_recompile(tmp_path):
   hf_models.build("llama", tmp_path)
   mesh = sharding.make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
