@@ -1,5 +1,7 @@
 """Equivalences the train step must keep: sharded = single device, accumulated = one batch."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,6 +63,20 @@ def _single():
   return sharding.make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
 
 
+_MESHES = {"single": _single, "2x2x2": lambda: sharding.make_mesh(data=2, fsdp=2, tensor=2),
+           "2x1x4": lambda: sharding.make_mesh(data=2, fsdp=1, tensor=4)}
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(mesh: str, rows: str = "packed", accum: int = 1, n_steps: int = 2, evaluate: bool = False,
+               cfg: str = "qwen2") -> tuple:
+  """The plain run (spelled-out attention, whole logits, scanned layers, float32) that several tests compare
+  with, computed once per session: `_run` of `_batch()` ("packed") or `_unpacked_batch()` ("unpacked")."""
+  batch = _batch() if rows == "packed" else _unpacked_batch()
+  return _run(_MESHES[mesh](), batch, accum, n_steps=n_steps, evaluate=evaluate,
+              cfg={"qwen2": CFG, "windowed": WINDOWED}[cfg])
+
+
 def _assert_same(a, b, atol):
   (pa, ha), (pb, hb) = a, b
   assert len(ha) == len(hb)
@@ -76,12 +92,12 @@ def _assert_same(a, b, atol):
 
 def test_sharded_2x2x2_matches_single_device():
   batch = _batch()
-  _assert_same(_run(sharding.make_mesh(data=2, fsdp=2, tensor=2), batch, 1), _run(_single(), batch, 1), 2e-5)
+  _assert_same(_run(sharding.make_mesh(data=2, fsdp=2, tensor=2), batch, 1), _reference("single"), 2e-5)
 
 
 def test_accumulating_4_micro_batches_matches_one_batch():
   batch = _batch()
-  _assert_same(_run(_single(), batch, 4), _run(_single(), batch, 1), 2e-5)
+  _assert_same(_run(_single(), batch, 4), _reference("single"), 2e-5)
 
 
 def test_per_segment_sums_match_whole_batch_sums():
@@ -106,13 +122,13 @@ def test_decay_mask_skips_norms_and_biases():
 @pytest.mark.parametrize("policy", ["full", "dots"])
 def test_rematerialization_changes_memory_not_results(policy):
   batch = _batch()
-  _assert_same(_run(_single(), batch, 1, n_steps=1, remat=policy), _run(_single(), batch, 1, n_steps=1), 1e-6)
+  _assert_same(_run(_single(), batch, 1, n_steps=1, remat=policy), _reference("single", n_steps=1), 1e-6)
 
 
 def test_bfloat16_compute_tracks_float32():
   batch = _batch()
-  (_, f32), (_, bf16) = _run(_single(), batch, 1, n_steps=1), _run(_single(), batch, 1, n_steps=1,
-                                                                     compute_dtype=jnp.bfloat16)
+  (_, f32), (_, bf16) = _reference("single", n_steps=1), _run(_single(), batch, 1, n_steps=1,
+                                                                compute_dtype=jnp.bfloat16)
   assert abs(f32[0]["loss"] - bf16[0]["loss"]) < 0.02 * f32[0]["loss"]
   assert f32[0]["loss"] != bf16[0]["loss"]  # the compute really ran in bfloat16
 
@@ -123,14 +139,13 @@ def test_fused_chunked_cross_entropy_matches_whole_logits(mesh, chunk, accum):
   autodiff through the whole logits: on a vocabulary-sharded mesh, with a chunk that does not divide the rows,
   and with gradient accumulation."""
   batch = _batch()
-  make = _single if mesh == "single" else lambda: sharding.make_mesh(data=2, fsdp=2, tensor=2)
-  _assert_same(_run(make(), batch, accum, loss_chunk=chunk), _run(make(), batch, 1), 2e-5)
+  _assert_same(_run(_MESHES[mesh](), batch, accum, loss_chunk=chunk), _reference(mesh), 2e-5)
 
 
 def test_jax_dot_product_attention_keeps_packed_examples_apart():
   """jax.nn.dot_product_attention with the packing mask = the spelled-out attention, on packed rows."""
   batch = _batch()
-  _assert_same(_run(_single(), batch, 1, attention="jax"), _run(_single(), batch, 1), 2e-5)
+  _assert_same(_run(_single(), batch, 1, attention="jax"), _reference("single"), 2e-5)
 
 
 @pytest.mark.parametrize("mesh", ["single", "2x2x2", "2x1x4"])
@@ -139,15 +154,14 @@ def test_splash_attention_keeps_packed_examples_apart(mesh):
   attention on packed rows with padding: losses, gradient norms and weights after 2 steps, then the eval step's
   per-example sums; on a mesh it runs under shard_map, each device on its rows and heads (2×2×2), or on its rows
   with all heads where the 2 key/value heads do not split 4 ways (2×1×4)."""
-  data, fsdp, tensor = (1, 1, 1) if mesh == "single" else map(int, mesh.split("x"))
-  mesh = _single() if mesh == "single" else sharding.make_mesh(data=data, fsdp=fsdp, tensor=tensor)
   batch = _batch()
-  _assert_same(_run(mesh, batch, 1, attention="splash", evaluate=True), _run(mesh, batch, 1, evaluate=True), 2e-5)
+  _assert_same(_run(_MESHES[mesh](), batch, 1, attention="splash", evaluate=True),
+               _reference(mesh, evaluate=True), 2e-5)
 
 
 def test_unrolled_layers_match_the_scanned_loop():
   batch = _batch()
-  _assert_same(_run(_single(), batch, 2, scan_layers=False), _run(_single(), batch, 2), 2e-5)
+  _assert_same(_run(_single(), batch, 2, scan_layers=False), _reference("single", accum=2), 2e-5)
 
 
 def _unpacked_batch(rows=8, length=16, seed=1):
@@ -169,7 +183,7 @@ def test_row_lengths_instead_of_a_mask_on_unpacked_rows(scan_layers):
   = the spelled-out masked attention, padding rows' finite junk included (it must not reach the gradients)."""
   batch = _unpacked_batch()
   _assert_same(_run(_single(), batch, 1, attention="jax", one_example_per_row=True, scan_layers=scan_layers),
-               _run(_single(), batch, 1), 2e-5)
+               _reference("single", "unpacked"), 2e-5)
 
 
 # Sliding (window 5), full, sliding: the window cuts into every example of _batch's 16-position rows.
@@ -185,7 +199,7 @@ def test_splash_attention_windows_the_sliding_layers(scan_layers):
   per layer inside the scan, or unrolled) = the spelled-out attention with the windowed mask."""
   batch = _batch()
   _assert_same(_run(_single(), batch, 1, attention="splash", scan_layers=scan_layers, evaluate=True, cfg=WINDOWED),
-               _run(_single(), batch, 1, evaluate=True, cfg=WINDOWED), 2e-5)
+               _reference("single", evaluate=True, cfg="windowed"), 2e-5)
 
 
 def test_splash_attention_on_unpacked_rows_with_an_all_padding_row():
@@ -193,7 +207,7 @@ def test_splash_attention_on_unpacked_rows_with_an_all_padding_row():
   themselves, so nothing non-finite reaches the gradients; = the spelled-out attention."""
   batch = _unpacked_batch()
   _assert_same(_run(_single(), batch, 1, attention="splash", one_example_per_row=True),
-               _run(_single(), batch, 1), 2e-5)
+               _reference("single", "unpacked"), 2e-5)
 
 
 def _temp_bytes(remat, scan_layers):
