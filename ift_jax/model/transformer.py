@@ -241,6 +241,8 @@ def cached_block(x_BxLxD: jax.Array, layer: dict[str, jax.Array], cfg: ModelConf
     cache_NxBxKxSxE = jax.lax.dynamic_update_slice(cache_NxBxKxSxE, new_1xBxKxLxE, (index, 0, 0, start, 0))
     return sharding.constrain(cache_NxBxKxSxE, CACHE_AXES["k"])
 
+  # Write, then read the layer back. Read first (to attend over it with the new slots added), XLA copied both
+  # caches whole at every layer to keep the old contents for the read (seen in the optimized HLO on CPU).
   k_NxBxKxSxE, v_NxBxKxSxE = write(k_NxBxKxSxE, k_new), write(v_NxBxKxSxE, v_new)
   h_BxLxD = attend_heads_major(q_BxLxHxE, k_NxBxKxSxE[index].astype(q_BxLxHxE.dtype),
                                v_NxBxKxSxE[index].astype(q_BxLxHxE.dtype), mask_Bx1x1xLxS, layer, cfg)
