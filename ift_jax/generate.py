@@ -44,6 +44,38 @@ class Sampling:
       raise UserError(f"--top_p={self.top_p}: must be in (0, 1]")
 
 
+@dataclasses.dataclass(frozen=True)
+class StopTokens:
+  """Per-token tables that let the decoding loop end a row at a stop string, for S sets of stop strings.
+
+  A row ends on the device once it emits a token whose text holds one of its stop strings after some non-blank
+  text of the row's answer (in that token, or in an earlier one): `cut_at_stop` would cut the text there, so
+  the tokens after it never reach the answer and need not be generated. Stop strings that span two tokens are
+  still cut on the host only; the row then runs on to EOS or max_new_tokens, as without these tables.
+  """
+
+  ends_SxV: np.ndarray  # the token's text holds the stop after a non-blank character of its own
+  holds_SxV: np.ndarray  # the token's text holds the stop anywhere
+  text_V: np.ndarray  # the token's text has a non-blank character
+
+  @classmethod
+  def build(cls, tokenizer: Any, stop_sets: Sequence[Sequence[str]], vocab_size: int) -> "StopTokens":
+    """Tables for `vocab_size` token ids (ids the tokenizer lacks never stop a row); each token decoded alone."""
+    texts = tokenizer.batch_decode([[i] for i in range(min(len(tokenizer), vocab_size))], skip_special_tokens=True)
+    # U+FFFD stands for bytes of a character split over tokens: not known to be non-blank text.
+    blank = lambda t: not t.replace("\ufffd", "").strip()
+    ends = np.zeros((len(stop_sets), vocab_size), bool)
+    holds = np.zeros((len(stop_sets), vocab_size), bool)
+    for row, stops in enumerate(stop_sets):
+      for token, text in enumerate(texts):
+        at = [text.find(stop) for stop in stops if stop and stop in text]
+        holds[row, token] = bool(at)
+        ends[row, token] = bool(at) and not blank(text[:min(at)])
+    text = np.zeros(vocab_size, bool)
+    text[:len(texts)] = [not blank(t) for t in texts]
+    return cls(ends, holds, text)
+
+
 def bucket_length(n: int, minimum: int = 16) -> int:
   """The padded prompt length: the smallest power of two or 1.5 × a power of two that holds n, at least `minimum`.
 
@@ -107,11 +139,13 @@ class Generator:
     self._score_tokens = jax.jit(self._score_tokens_batch, out_shardings=replicated)
 
   def _decode_batch(self, params: Any, tokens_BxP: jax.Array, positions_BxP: jax.Array, key: jax.Array,
-                    candidates_BxC: jax.Array, prefix_BxK: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Prefill, then a while loop of single-token steps; returns new_BxT (pad after a row's EOS) and the
+                    candidates_BxC: jax.Array, prefix_BxK: jax.Array, stop_Bx1: jax.Array,
+                    stops: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Prefill, then a while loop of single-token steps; returns new_BxT (-1 after a row's end) and the
     log-probabilities of the candidate tokens after the prompt and the row's prefix, (B, C).
 
-    prefix_BxK holds each row's prefix left-padded with -1 (K = 0: no prefixes)."""
+    prefix_BxK holds each row's prefix left-padded with -1 (K = 0: no prefixes); stop_Bx1 each row's set of stop
+    strings in `stops` (StopTokens' tables; -1: none)."""
     self.traces += 1  # runs at trace time only, so it counts compilations
     model = nnx.merge(self.graphdef, nnx.State(params))
     b, p = tokens_BxP.shape
@@ -129,20 +163,31 @@ class Generator:
       scored_BxV = jnp.where(filled_BxK[:, -1:], prefixed_Bx1xV[:, 0], scored_BxV)
     first_BxC = jnp.take_along_axis(jax.nn.log_softmax(scored_BxV.astype(jnp.float32), axis=-1),
                                     candidates_BxC, axis=-1)
+    ends_SxV, holds_SxV, text_V = stops
+    stop_B = stop_Bx1[:, 0]
+    set_B = jnp.maximum(stop_B, 0)
+
+    def ended(token_B, seen_B):
+      """(row ended: EOS, or a stop string after some text; the row has non-blank text now)."""
+      stopped_B = (stop_B >= 0) & (ends_SxV[set_B, token_B] | (seen_B & holds_SxV[set_B, token_B]))
+      return jnp.isin(token_B, eos_E) | stopped_B, seen_B | text_V[token_B]
+
     key, draw = jax.random.split(key)
     token_B = choose(logits_Bx1xV[:, 0], draw, self.sampling)
-    new_BxT = jnp.full((b, t_max), self.pad_id, jnp.int32).at[:, 0].set(token_B)
-    done_B = jnp.isin(token_B, eos_E) | (positions_BxP[:, -1] < 0)  # rows added to fill the batch are done
+    new_BxT = jnp.full((b, t_max), -1, jnp.int32).at[:, 0].set(token_B)  # -1: after the row's end
+    done_B, seen_B = ended(token_B, jnp.zeros((b,), bool))
+    done_B |= positions_BxP[:, -1] < 0  # rows added to fill the batch are done
 
     def body(state):
-      t, token_B, position_B, cache, new_BxT, done_B, key = state
+      t, token_B, position_B, cache, new_BxT, done_B, seen_B, key = state
       logits_Bx1xV, cache = step(token_B[:, None], position_B[:, None], cache, p + t - 1)
       key, draw = jax.random.split(key)
       token_B = jnp.where(done_B, self.pad_id, choose(logits_Bx1xV[:, 0], draw, self.sampling))
-      new_BxT = jax.lax.dynamic_update_slice_in_dim(new_BxT, token_B[:, None], t, axis=1)
-      return t + 1, token_B, position_B + 1, cache, new_BxT, done_B | jnp.isin(token_B, eos_E), key
+      new_BxT = jax.lax.dynamic_update_slice_in_dim(new_BxT, jnp.where(done_B, -1, token_B)[:, None], t, axis=1)
+      now_B, seen_B = ended(token_B, seen_B)
+      return t + 1, token_B, position_B + 1, cache, new_BxT, done_B | now_B, seen_B, key
 
-    state = (jnp.int32(1), token_B, positions_BxP[:, -1] + 1, cache, new_BxT, done_B, key)
+    state = (jnp.int32(1), token_B, positions_BxP[:, -1] + 1, cache, new_BxT, done_B, seen_B, key)
     state = jax.lax.while_loop(lambda s: (s[0] < t_max) & ~jnp.all(s[5]), body, state)
     return sharding.constrain(state[4], ("batch", "length")), first_BxC
 
@@ -176,7 +221,8 @@ class Generator:
 
   def generate(self, prompts: Sequence[Sequence[int]], *, seed: int = 0,
                candidates: Sequence[Sequence[int]] | None = None,
-               prefixes: Sequence[Sequence[int]] | None = None) -> tuple[list[list[int]], np.ndarray]:
+               prefixes: Sequence[Sequence[int]] | None = None, stops: StopTokens | None = None,
+               stop_sets: Sequence[int] | None = None) -> tuple[list[list[int]], np.ndarray]:
     """(new ids of each prompt up to the first EOS, (N, C) log p(candidates[i][c] | prompts[i] + prefixes[i])).
 
     Rank classification over answer choices that differ only in their last token comes almost free this way:
@@ -184,6 +230,8 @@ class Generator:
     come from the prefill that generation runs anyway plus one cached step over the prefix. The shared
     prefix's own likelihood is the same for every choice, so leaving it out does not change the ranking.
     Generation itself continues from the prompt alone. Without candidates the scores are (N, 0).
+    With `stops`, prompt i's row ends early at its stop set `stop_sets[i]` of `stops` (-1: none; default: set 0
+    for every prompt); the ids after that token, which `cut_at_stop` would drop, are not generated.
     """
     candidates_NxC = np.asarray(candidates if candidates is not None else [[]] * len(prompts), np.int32)
     candidates_NxC = candidates_NxC.reshape(len(prompts), -1)
@@ -191,6 +239,13 @@ class Generator:
     prefix_NxK = np.full((len(prompts), max((len(x) for x in prefixes), default=0)), -1, np.int32)
     for row, ids in zip(prefix_NxK, prefixes):
       row[len(row) - len(ids):] = ids  # left-padded: every row's last prefix token in the last column
+    if stops is None:  # one set that stops nothing
+      stops, stop_sets = StopTokens(*(np.zeros((1, self.cfg.vocab_size), bool),) * 2,
+                                    np.zeros(self.cfg.vocab_size, bool)), None
+    if stops.text_V.shape != (self.cfg.vocab_size,):
+      raise ValueError(f"StopTokens for {stops.text_V.shape[0]} token ids; the model has {self.cfg.vocab_size}")
+    stop_Nx1 = np.asarray(stop_sets if stop_sets is not None else [0] * len(prompts), np.int32).reshape(-1, 1)
+    tables = tuple(self._replicated(x) for x in (stops.ends_SxV, stops.holds_SxV, stops.text_V))
     ids: list[list[int]] = []
     scores = []
     key = jax.random.key(seed)
@@ -198,7 +253,8 @@ class Generator:
       with sharding.use_mesh(self.mesh):
         new_BxT, first_BxC = self._decode(self.params, tokens_BxP, positions_BxP, jax.random.fold_in(key, first),
                                           self._rows(candidates_NxC, first, rows, 0),
-                                          self._rows(prefix_NxK, first, rows, -1))
+                                          self._rows(prefix_NxK, first, rows, -1),
+                                          self._rows(stop_Nx1, first, rows, -1), tables)
       ids.extend(_until_eos(row, self.eos_ids) for row in np.asarray(new_BxT.addressable_data(0))[:rows])
       scores.append(np.asarray(first_BxC.addressable_data(0))[:rows])
     return ids, np.concatenate(scores) if scores else candidates_NxC.astype(np.float32)
@@ -207,8 +263,11 @@ class Generator:
     """A batch's rows of a small per-prompt table, replicated; rows added to fill the batch hold `fill`."""
     values_BxC = np.full((self.batch_size, values_NxC.shape[1]), fill, np.int32)
     values_BxC[:rows] = values_NxC[first:first + rows]
-    return jax.make_array_from_callback(values_BxC.shape, NamedSharding(self.mesh, P()),
-                                        lambda index: values_BxC[index])
+    return self._replicated(values_BxC)
+
+  def _replicated(self, x: np.ndarray) -> jax.Array:
+    """A small host array that every process holds whole, replicated on the mesh (multi-process safe)."""
+    return jax.make_array_from_callback(x.shape, NamedSharding(self.mesh, P()), lambda index: x[index])
 
   def continuation_logprobs(self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
                             ) -> np.ndarray:
@@ -235,14 +294,20 @@ class Generator:
 
 
 def _until_eos(row: np.ndarray, eos_ids: Sequence[int]) -> list[int]:
+  """A row's new ids up to its first EOS, or to where it ended (-1 follows a stop token)."""
   ids = row.tolist()
-  stops = [i for i, t in enumerate(ids) if t in eos_ids]
+  stops = [i for i, t in enumerate(ids) if t in eos_ids or t < 0]
   return ids[:stops[0]] if stops else ids
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-  """The text before the first occurrence of any stop string."""
-  cuts = [text.index(s) for s in stop if s and s in text]
+  """The text before the first occurrence of any stop string that starts after the text's leading whitespace.
+
+  A base model often opens its answer with a newline; with the templates' default stop "\n" that would cut every
+  such answer to nothing. `ift-jax eval` and `ift-jax generate` cut the same way, so a template's answers agree.
+  """
+  lead = len(text) - len(text.lstrip())
+  cuts = [at for at in (text.find(s, lead) for s in stop if s) if at >= 0]
   return text[:min(cuts)] if cuts else text
 
 
@@ -311,6 +376,7 @@ def generate_cli(prompts: Sequence[str], *, model: str = "", workdir: str = "", 
   generator = Generator(graphdef, params, pretrained.cfg, mesh, eos_ids=sorted(eos_ids),
                         pad_id=tokenizer.pad_token_id or 0, batch_size=rows, max_new_tokens=max_new_tokens,
                         sampling=sampling)
-  ids = generator.generate_ids([tokenizer(p).input_ids for p in prompts], seed=seed)
+  stops = StopTokens.build(tokenizer, [stop], pretrained.cfg.vocab_size) if any(stop) else None
+  ids, _ = generator.generate([tokenizer(p).input_ids for p in prompts], seed=seed, stops=stops)
   texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
   return [{"prompt": p, "completion": cut_at_stop(t, stop)} for p, t in zip(prompts, texts)]

@@ -33,7 +33,7 @@ from ift_jax import checkpoint, report, sharding, task_metrics, train
 from ift_jax.data import loader, tokenize
 from ift_jax.data.templates import Template
 from ift_jax.errors import UserError
-from ift_jax.generate import Generator, cut_at_stop
+from ift_jax.generate import Generator, StopTokens, cut_at_stop
 from ift_jax.model import load
 
 _log = logging.getLogger(__name__)
@@ -218,6 +218,10 @@ class Scorer:
                                  pad_id=tokenizer.pad_token_id or 0, batch_size=batch_size, max_new_tokens=new,
                                  compute_dtype=train.DTYPES[options.compute_dtype])
     self.short, self.long = make(short), make(options.max_new_tokens)
+    # Generations end on the device at their template's stop strings (see StopTokens), not only at EOS.
+    stop_sets = sorted({it.template.stop for it in items if _needs(it, _GENERATION_METRICS) and it.template.stop})
+    self.stop_set = {stops: i for i, stops in enumerate(stop_sets)}
+    self.stops = StopTokens.build(tokenizer, stop_sets, pretrained.cfg.vocab_size) if stop_sets else None
 
   def run(self, params: Any, items: Sequence[Item], prompts: Sequence[list[int]]
           ) -> tuple[dict[int, str], dict[int, int]]:
@@ -232,7 +236,7 @@ class Scorer:
         _needs(it, _GENERATION_METRICS) or self._ranked_by_prefill(it)))
     scoring = [self._choice_scoring(items[i], width) for i in chosen]
     ids, scores_NxC = self.short.generate([prompts[i] for i in chosen], candidates=[c for c, _ in scoring],
-                                          prefixes=[prefix for _, prefix in scoring])
+                                          prefixes=[prefix for _, prefix in scoring], **self._stops(items, chosen))
     self._keep_text(items, chosen, ids, generated)
     for i, row in zip(chosen, scores_NxC):
       if self._ranked_by_prefill(items[i]):
@@ -240,9 +244,18 @@ class Scorer:
     # Free-text templates: long generations.
     chosen = self._ordered(items, prompts, lambda it: not it.template.answer_choices and _needs(
         it, _GENERATION_METRICS))
-    self._keep_text(items, chosen, self.long.generate_ids([prompts[i] for i in chosen]), generated)
+    ids, _ = self.long.generate([prompts[i] for i in chosen], **self._stops(items, chosen))
+    self._keep_text(items, chosen, ids, generated)
     ranked.update(self._rank(items, prompts, done=ranked))
     return generated, ranked
+
+  def _stops(self, items: Sequence[Item], chosen: Sequence[int]) -> dict[str, Any]:
+    """Generator.generate's stop arguments: each chosen item's template stop strings, if it is generated for."""
+    if self.stops is None:
+      return {}
+    sets = [self.stop_set.get(items[i].template.stop, -1) if _needs(items[i], _GENERATION_METRICS) else -1
+            for i in chosen]
+    return {"stops": self.stops, "stop_sets": sets}
 
   @staticmethod
   def _ordered(items: Sequence[Item], prompts: Sequence[list[int]], wanted) -> list[int]:
@@ -253,8 +266,8 @@ class Scorer:
                  generated: dict[int, str]) -> None:
     for i, text in zip(chosen, self.tokenizer.batch_decode(ids, skip_special_tokens=True)):
       if _needs(items[i], _GENERATION_METRICS):
-        # Leading blank lines are not an answer's end: a base model often starts with "\n" before answering.
-        generated[i] = cut_at_stop(text.lstrip(), items[i].template.stop)
+        # Leading blank lines are not an answer's end (cut_at_stop skips them) nor part of it.
+        generated[i] = cut_at_stop(text, items[i].template.stop).lstrip()
 
   def _ranked_by_prefill(self, item: Item) -> bool:
     """Ranked by generation's prefill: needs a rank, and its choices differ only in their last token."""

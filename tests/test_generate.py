@@ -16,7 +16,7 @@ from flax import nnx
 from ift_jax import generate, sharding
 from ift_jax.model import load, transformer
 from ift_jax.model.transformer import empty_cache
-from tests import fixtures, hf_models
+from tests import fixtures, hf_models, tokenizer_util
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROMPTS = [[1, 5, 9, 14, 20, 33, 41], [1, 7], [1, 60, 3, 8, 12], [1, 90, 91, 92, 93, 94, 95, 96, 11, 4, 5]]
@@ -147,6 +147,50 @@ def test_cli_prints_one_completion_per_prompt(tmp_path):
   assert [line["prompt"] for line in lines] == ["good movie", "the movie was", "I love"]
   assert all(isinstance(line["completion"], str) for line in lines)
   assert any(line["completion"] for line in lines)
+
+
+def test_rows_end_on_the_device_at_a_stop_token_after_some_text(tmp_path):
+  """A row ends at a token holding its stop string once it has text (or at once where the token has text before
+  the stop); other rows, and a row without stop strings, generate as before."""
+  hf_models.build("llama", tmp_path)
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  gen = _generator(tmp_path, mesh, eos_ids=(), batch_size=4, max_new_tokens=10, min_bucket=8)
+  free = gen.generate_ids(PROMPTS)
+  vocab = gen.cfg.vocab_size
+  # Set 0: row 0's first and fourth tokens hold the stop with nothing before it in the token (the first does not
+  # end the row: no text yet). Set 1: row 1's first token holds it after text of its own (ends the row at once).
+  set_0, stop_y = {free[0][0], free[0][3]}, free[1][0]
+  holds, ends, text = np.zeros((2, vocab), bool), np.zeros((2, vocab), bool), np.ones(vocab, bool)
+  holds[0, list(set_0)] = True
+  holds[1, stop_y] = ends[1, stop_y] = True
+  stops = generate.StopTokens(ends, holds, text)
+  ids, _ = gen.generate(PROMPTS, stops=stops, stop_sets=[0, 1, -1, 0])
+
+  def until_stop(row):
+    hits = [j for j, t in enumerate(row) if t in set_0 and j > 0]
+    return row[:hits[0] + 1] if hits else row
+
+  assert ids == [until_stop(free[0]), [stop_y], free[2], until_stop(free[3])]
+  assert len(ids[0]) <= 4 < len(free[0]) and free[1][1:]  # the stops cut something
+  with pytest.raises(ValueError, match="StopTokens for 3 token ids"):
+    gen.generate(PROMPTS, stops=generate.StopTokens(ends[:, :3], holds[:, :3], text[:3]))
+
+
+def test_stop_token_tables_from_a_tokenizer():
+  tokenizer = tokenizer_util.build_tiny_tokenizer()
+  vocab = tokenizer_util.VOCAB
+  stops = generate.StopTokens.build(tokenizer, [(":",), ("movie", "\n")], len(vocab) + 2)
+  assert stops.holds_SxV[0, vocab[":"]] and not stops.ends_SxV[0, vocab[":"]]  # nothing before it in the token
+  assert stops.holds_SxV[0, vocab["):"]] and stops.ends_SxV[0, vocab["):"]]  # ")" before it
+  assert stops.holds_SxV[1, vocab["movie"]] and stops.holds_SxV.sum() == 3 and stops.ends_SxV.sum() == 1
+  assert stops.text_V[vocab["good"]] and not stops.text_V[vocab["</s>"]] and not stops.text_V[-2:].any()
+
+
+def test_stop_strings_cut_after_the_leading_whitespace():
+  assert generate.cut_at_stop("\n 4\nReview:", ["\n"]) == "\n 4"  # a leading newline is not the answer's end
+  assert generate.cut_at_stop("Good.\nNext", ["\n", "Next"]) == "Good."
+  assert generate.cut_at_stop("  \n\nyes", ["\n\n"]) == "  \n\nyes"  # a stop inside the leading blank only
+  assert generate.cut_at_stop("### x", ["###"]) == "" and generate.cut_at_stop("plain", ["\n"]) == "plain"
 
 
 def test_prompts_through_a_template_from_flags_or_json_lines(tmp_path):
