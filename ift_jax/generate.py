@@ -6,8 +6,8 @@
 Shapes are static so that a batch never recompiles: prompts are left-padded to a length bucket (a power of two
 or 1.5 × one, at least `min_bucket`), the batch is padded to `batch_size` rows, and the cache holds bucket +
 `max_new_tokens` slots. One jitted function per bucket prefills the prompt and then runs a `lax.while_loop` of
-single-token steps that ends when every row has produced EOS or `max_new_tokens` tokens. Stop strings are applied
-to the decoded text on the host. Activations, cache and logits are laid out by the logical axis rules of
+single-token steps that ends when every row has produced EOS, a token that ends it at a stop string (StopTokens),
+or `max_new_tokens` tokens. Stop strings are then cut from the decoded text on the host (`cut_at_stop`). Activations, cache and logits are laid out by the logical axis rules of
 `ift_jax.sharding`, on the same mesh as training.
 
 Shape letters: B batch, P prompt (bucket) length, T new tokens, V vocabulary.
@@ -74,6 +74,11 @@ class StopTokens:
     text = np.zeros(vocab_size, bool)
     text[:len(texts)] = [not blank(t) for t in texts]
     return cls(ends, holds, text)
+
+  @classmethod
+  def none(cls, vocab_size: int) -> "StopTokens":
+    """One set of stop strings that stops nothing."""
+    return cls(np.zeros((1, vocab_size), bool), np.zeros((1, vocab_size), bool), np.zeros(vocab_size, bool))
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
@@ -223,7 +228,8 @@ class Generator:
                candidates: Sequence[Sequence[int]] | None = None,
                prefixes: Sequence[Sequence[int]] | None = None, stops: StopTokens | None = None,
                stop_sets: Sequence[int] | None = None) -> tuple[list[list[int]], np.ndarray]:
-    """(new ids of each prompt up to the first EOS, (N, C) log p(candidates[i][c] | prompts[i] + prefixes[i])).
+    """(new ids of each prompt up to its first EOS or its end at a stop string, (N, C)
+    log p(candidates[i][c] | prompts[i] + prefixes[i])).
 
     Rank classification over answer choices that differ only in their last token comes almost free this way:
     the candidates are the choices' last tokens, the prefix their shared start (often none), and the scores
@@ -239,9 +245,8 @@ class Generator:
     prefix_NxK = np.full((len(prompts), max((len(x) for x in prefixes), default=0)), -1, np.int32)
     for row, ids in zip(prefix_NxK, prefixes):
       row[len(row) - len(ids):] = ids  # left-padded: every row's last prefix token in the last column
-    if stops is None:  # one set that stops nothing
-      stops, stop_sets = StopTokens(*(np.zeros((1, self.cfg.vocab_size), bool),) * 2,
-                                    np.zeros(self.cfg.vocab_size, bool)), None
+    if stops is None:
+      stops, stop_sets = StopTokens.none(self.cfg.vocab_size), None
     if stops.text_V.shape != (self.cfg.vocab_size,):
       raise ValueError(f"StopTokens for {stops.text_V.shape[0]} token ids; the model has {self.cfg.vocab_size}")
     stop_Nx1 = np.asarray(stop_sets if stop_sets is not None else [0] * len(prompts), np.int32).reshape(-1, 1)

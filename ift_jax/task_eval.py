@@ -274,7 +274,8 @@ class Scorer:
     if item.gold is None or not _needs(item, _RANK_METRICS):
       return False
     choices = self.choice_ids[item.key]
-    return all(len(c) == len(_common_prefix(choices)) + 1 for c in choices)
+    shared = len(_common_prefix(choices))
+    return all(len(c) == shared + 1 for c in choices)
 
   def _choice_scoring(self, item: Item, width: int) -> tuple[list[int], list[int]]:
     """(the choices' last tokens padded to width, their shared start) for an item ranked by the prefill."""
