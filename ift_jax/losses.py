@@ -69,23 +69,48 @@ def segment_sums(ce_BxL: jax.Array, correct_BxL: jax.Array, weights_BxL: jax.Arr
 
 
 def chunked_token_losses(logits_fn: Callable[[jax.Array], jax.Array], x_BxLxD: jax.Array, targets_BxL: jax.Array,
-                         chunk: int) -> tuple[jax.Array, jax.Array]:
-  """Per-position (cross-entropy, hit) of logits_fn(x), `chunk` positions at a time, for evaluation.
+                         weights_BxL: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+  """Per-position (cross-entropy, hit) of logits_fn(x) at weighted positions (0 elsewhere), for evaluation.
 
-  The same numbers as cross_entropy_and_hit of the whole logits, but never more than B×chunk×V float32 logits
-  exist at once (llama-1b at 8×2048: 8.4 GB whole), so evaluation fits wherever training does. Forward only.
+  The same numbers as cross_entropy_and_hit of the whole logits wherever the weight is nonzero, but never more
+  than B×chunk×V float32 logits exist at once (llama-1b at 8×2048: 8.4 GB whole), so evaluation fits wherever
+  training does. As in `fused_head_sums`, each row's weighted positions are moved to its front and chunks
+  without any are skipped: an SFT batch pays the vocabulary projection only for its completion tokens.
+  Forward only.
   """
   b, l, d = x_BxLxD.shape
   pad = -l % chunk
-  x_BxLxD = jnp.pad(x_BxLxD, ((0, 0), (0, pad), (0, 0)))
-  targets_BxL = jnp.pad(targets_BxL, ((0, 0), (0, pad)))
+  if pad:  # unweighted padding positions: their chunks are skipped
+    x_BxLxD = jnp.pad(x_BxLxD, ((0, 0), (0, pad), (0, 0)))
+    targets_BxL, weights_BxL = (jnp.pad(a, ((0, 0), (0, pad))) for a in (targets_BxL, weights_BxL))
   n = (l + pad) // chunk
-  x_NxBxCxD = x_BxLxD.reshape(b, n, chunk, d).swapaxes(0, 1)
-  targets_NxBxC = targets_BxL.reshape(b, n, chunk).swapaxes(0, 1)
-  ce_NxBxC, hit_NxBxC = jax.lax.map(lambda xt: cross_entropy_and_hit(logits_fn(xt[0]), xt[1]),
-                                    (x_NxBxCxD, targets_NxBxC))
-  unchunk = lambda a_NxBxC: a_NxBxC.swapaxes(0, 1).reshape(b, n * chunk)[:, :l]
+  order_BxL = weighted_first(weights_BxL)
+  x_BxLxD = jnp.take_along_axis(x_BxLxD, order_BxL[..., None], axis=1)
+  targets_BxL, weights_BxL = (jnp.take_along_axis(a, order_BxL, axis=1) for a in (targets_BxL, weights_BxL))
+  chunks = lambda a: a.reshape(b, n, chunk, *a.shape[2:]).swapaxes(0, 1)  # (B, n·C, ...) -> (n, B, C, ...)
+
+  def one_chunk(xs):
+    x_BxCxD, targets_BxC, weights_BxC = xs
+    weighted_BxC = weights_BxC != 0
+
+    def compute():
+      ce_BxC, hit_BxC = cross_entropy_and_hit(logits_fn(x_BxCxD), targets_BxC)
+      return jnp.where(weighted_BxC, ce_BxC, 0.0), jnp.where(weighted_BxC, hit_BxC, 0.0)
+
+    zeros = lambda: (jnp.zeros(targets_BxC.shape, jnp.float32),) * 2
+    return jax.lax.cond(jnp.any(weighted_BxC), compute, zeros)
+
+  ce_NxBxC, hit_NxBxC = jax.lax.map(one_chunk, (chunks(x_BxLxD), chunks(targets_BxL), chunks(weights_BxL)))
+  back_BxL = jnp.argsort(order_BxL, axis=1)  # the inverse permutation: each position's place in the sorted row
+  unchunk = lambda a_NxBxC: jnp.take_along_axis(a_NxBxC.swapaxes(0, 1).reshape(b, n * chunk), back_BxL,
+                                                axis=1)[:, :l]
   return unchunk(ce_NxBxC), unchunk(hit_NxBxC)
+
+
+def weighted_first(weights_BxL: jax.Array) -> jax.Array:
+  """The permutation of each row that puts its weighted positions first, in order (a stable per-row sort: rows
+  stay on their shards)."""
+  return jnp.argsort((weights_BxL == 0).astype(jnp.int32), axis=1, stable=True)
 
 
 def fused_head_sums(x_BxLxD: jax.Array, head_w: jax.Array, targets_BxL: jax.Array, weights_BxL: jax.Array,
@@ -109,7 +134,7 @@ def fused_head_sums(x_BxLxD: jax.Array, head_w: jax.Array, targets_BxL: jax.Arra
     x_BxLxD = jnp.pad(x_BxLxD, ((0, 0), (0, pad), (0, 0)))
     targets_BxL, weights_BxL = (jnp.pad(a, ((0, 0), (0, pad))) for a in (targets_BxL, weights_BxL))
   n = (l + pad) // chunk
-  order_BxL = jnp.argsort((weights_BxL == 0).astype(jnp.int32), axis=1, stable=True)
+  order_BxL = weighted_first(weights_BxL)
   x_BxLxD = jnp.take_along_axis(x_BxLxD, order_BxL[..., None], axis=1)
   targets_BxL, weights_BxL = (jnp.take_along_axis(a, order_BxL, axis=1) for a in (targets_BxL, weights_BxL))
 

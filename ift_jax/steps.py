@@ -73,12 +73,13 @@ class ModelRunner:
                                   softcap=model.cfg.final_softcap)
 
   def token_losses(self, params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """Per-position (cross-entropy, hit) for evaluation: from `loss_chunk`-position chunks of logits when set."""
+    """Per-position (cross-entropy, hit) for evaluation: from `loss_chunk`-position chunks of logits when set,
+    which skip unweighted positions (then 0 there)."""
     if not self.loss_chunk:
       return losses.cross_entropy_and_hit(self.logits(params, batch), batch["targets"])
     model = nnx.merge(self.graphdef, nnx.State(params))
     return losses.chunked_token_losses(lambda x: model.head(x, self.compute_dtype), self._hidden(model, batch),
-                                       batch["targets"], self.loss_chunk)
+                                       batch["targets"], batch["weights"], self.loss_chunk)
 
   def _hidden(self, model: Any, batch: dict[str, jax.Array]) -> jax.Array:
     return model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"],

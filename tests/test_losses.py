@@ -89,3 +89,42 @@ def test_fused_skips_chunks_without_targets():
   np.testing.assert_allclose(sums["loss"], ref_sums["loss"], rtol=1e-5)
   np.testing.assert_allclose(dw, ref_dw, atol=1e-5)
   np.testing.assert_allclose(dx, ref_dx, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 5, 12])
+def test_chunked_token_losses_match_whole_logits_at_weighted_positions(chunk):
+  """Evaluation's chunked per-position losses: those of the whole logits wherever there is a weight (rows with
+  none, all, or only trailing weights; chunks that do not divide the row), 0 where there is none."""
+  x, w, targets, weights = _inputs()
+  logits_fn = lambda x: jnp.einsum("BLD,DV->BLV", x, w, preferred_element_type=jnp.float32)
+  # Every other position's target is the model's top token, so hits and misses are both checked.
+  top = jnp.argmax(logits_fn(x), axis=-1).astype(targets.dtype)
+  targets = jnp.where(jnp.arange(L) % 2 == 0, top, targets)
+  ce, hit = jax.jit(lambda x: losses.chunked_token_losses(logits_fn, x, targets, weights, chunk))(x)
+  ref_ce, ref_hit = losses.cross_entropy_and_hit(logits_fn(x), targets)
+  weighted = np.asarray(weights) != 0
+  np.testing.assert_allclose(np.asarray(ce)[weighted], np.asarray(ref_ce)[weighted], rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(hit)[weighted], np.asarray(ref_hit)[weighted])
+  assert not np.asarray(ce)[~weighted].any() and not np.asarray(hit)[~weighted].any()
+  assert np.asarray(hit)[weighted].any() and not np.asarray(hit)[weighted].all()
+
+
+def test_chunked_token_losses_skip_chunks_without_targets():
+  """As in training, chunks with no weighted position are never projected: the vocabulary projection runs once
+  (chunk 0 of 3, where the per-row sort puts each row's 4 weighted positions), not three times."""
+  x, w, targets, _ = _inputs()
+  rng = np.random.default_rng(4)
+  weights = np.zeros((B, L), np.float32)
+  for row in range(B):
+    weights[row, rng.choice(L, 4, replace=False)] = 1.0
+  projected = []
+
+  def logits_fn(x_BxCxD):
+    jax.debug.callback(lambda: projected.append(1))
+    return jnp.einsum("BLD,DV->BLV", x_BxCxD, w, preferred_element_type=jnp.float32)
+
+  ce, _ = jax.jit(lambda x: losses.chunked_token_losses(logits_fn, x, targets, jnp.asarray(weights), 4))(x)
+  jax.effects_barrier()
+  assert len(projected) == 1
+  ref_ce, _ = losses.cross_entropy_and_hit(logits_fn(x), targets)
+  np.testing.assert_allclose(np.asarray(ce), np.where(weights > 0, ref_ce, 0.0), rtol=1e-5)
