@@ -26,7 +26,7 @@ def to_global(local: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Arr
 
 
 def evaluate(eval_fn: Callable, params: Any, shards: Mapping[int, Sequence[tokenize.Example]], *, mesh: Mesh,
-             template_names: Sequence[str], num_shards: int, seq_len: int, batch_size: int, packed: bool
+             template_names: Sequence[str], seq_len: int, batch_size: int, packed: bool
              ) -> dict[str, float]:
   """Metrics of `params` on the examples of every process: overall and "<source>/<template>/<metric>" keys."""
   index = {name: i for i, name in enumerate(template_names)}
@@ -35,7 +35,7 @@ def evaluate(eval_fn: Callable, params: Any, shards: Mapping[int, Sequence[token
   rows = slice(jax.process_index() * batch_size // jax.process_count(),
                (jax.process_index() + 1) * batch_size // jax.process_count())
   pending = None
-  for eval_batch in loader.eval_batches(shards, num_shards=num_shards, seq_len=seq_len, batch_size=batch_size,
+  for eval_batch in loader.eval_batches(shards, rows_per_batch=rows.stop - rows.start, seq_len=seq_len,
                                         packed=packed):
     sums = eval_fn(params, to_global(eval_batch.arrays, batch_sh))
     if pending is not None:  # read the previous batch's sums while this one computes

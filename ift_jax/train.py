@@ -246,8 +246,8 @@ def _warn_config_changes(saved: dict, current: dict, prefix: str = "") -> None:
 def run_eval(s: Session, params: Any, split: str) -> dict[str, float]:
   c = s.config
   metrics = evaluate.evaluate(s.compiled.eval, params, s.prepared.splits[split], mesh=s.mesh,
-                              template_names=s.prepared.template_names, num_shards=c.data.shards,
-                              seq_len=c.data.seq_len, batch_size=c.train.eval_batch_size, packed=c.data.packing)
+                              template_names=s.prepared.template_names, seq_len=c.data.seq_len,
+                              batch_size=c.train.eval_batch_size, packed=c.data.packing)
   return {f"{split}/{k}": v for k, v in metrics.items()}
 
 

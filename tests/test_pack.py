@@ -93,3 +93,58 @@ def test_every_example_appears_exactly_once_and_rows_fit(packed):
     for r in range(len(rows.layout) - 1):
       free = seq_len - (rows.segment_ids[r] > 0).sum()
       assert len(examples[rows.layout[r + 1][0]].ids) - 1 > free
+
+
+def test_tight_packing_golden():
+  # Best-fit decreasing: C (5) first, then A (3) into a new row (C's row has 1 free slot), B (2) into the row
+  # with the least room that fits it (A's: 3 free). Next-fit in the given order needs 3 rows for [A, C, B].
+  rows = pack([A, C, B], seq_len=6, packed=True, tight=True)
+  assert rows.layout == [[1], [0, 2]]
+  np.testing.assert_array_equal(rows.segment_ids, [[1, 1, 1, 1, 1, 0], [1, 1, 1, 2, 2, 0]])
+
+
+def test_tight_packing_keeps_every_example_in_fewer_rows():
+  rng = np.random.default_rng(1)
+  seq_len = 32
+  examples = []
+  for i in range(300):
+    n = int(rng.integers(2, seq_len + 2))
+    examples.append(_example(rng.integers(1, 1000, n), (rng.random(n) > 0.5).astype(np.float32), index=i))
+  tight, loose = (pack(examples, seq_len=seq_len, packed=True, tight=t) for t in (True, False))
+  assert sorted(i for members in tight.layout for i in members) == list(range(300))
+  assert all(members == sorted(members) for members in tight.layout)
+  for i, example in enumerate(examples):
+    ids, weights = _rebuild(tight, i)
+    assert ids == example.ids.tolist() and weights == example.weights[1:].tolist()
+  slots = sum(len(e.ids) - 1 for e in examples)
+  assert (tight.segment_ids > 0).sum() == slots
+  lower_bound = -(-slots // seq_len)
+  assert len(tight) < len(loose) and len(tight) <= 11 * lower_bound // 9 + 1, (len(tight), len(loose), lower_bound)
+  # Without packing, one example per row in order, as before.
+  assert pack(examples, seq_len=seq_len, packed=False, tight=True).layout == [[i] for i in range(300)]
+
+
+def test_eval_batches_hold_every_example_once_packed_tightly():
+  """Evaluation pools a process's shards and packs them tightly; every batch has rows_per_batch rows (empty ones
+  at the end), and each row's layout names the examples its segments hold."""
+  from ift_jax.data import loader
+  rng = np.random.default_rng(2)
+  lengths = {s: rng.integers(2, 18, int(rng.integers(3, 9))) for s in range(4)}
+  shards = {s: [_example(rng.integers(1, 1000, n), np.ones(n), index=10 * s + i) for i, n in enumerate(ns)]
+            for s, ns in lengths.items()}
+  batches = list(loader.eval_batches(shards, rows_per_batch=3, seq_len=16, packed=True))
+  every = sorted(e.record_index for ex in shards.values() for e in ex)
+  seen = []
+  for batch in batches:
+    assert batch.arrays["inputs"].shape == (3, 16) and len(batch.examples) == 3
+    for row, members in enumerate(batch.examples):
+      assert batch.arrays["segment_ids"][row].max() == len(members)
+      for segment, example in enumerate(members, start=1):
+        mask = batch.arrays["segment_ids"][row] == segment
+        assert batch.arrays["inputs"][row][mask].tolist() == example.ids[:-1].tolist()
+        seen.append(example.record_index)
+  assert sorted(seen) == every
+  slots = sum(len(e.ids) - 1 for ex in shards.values() for e in ex)
+  assert len(batches) == -(-len(pack([e for s in sorted(shards) for e in shards[s]], seq_len=16, packed=True,
+                                     tight=True)) // 3)
+  assert sum(len(m) > 0 for b in batches for m in b.examples) <= 11 * -(-slots // 16) // 9 + 1

@@ -241,17 +241,21 @@ class EvalBatch:
   examples: list[list[tokenize.Example]]  # per local row, the examples of segment 1, 2, ... (empty: padding)
 
 
-def eval_batches(shards: Mapping[int, Sequence[tokenize.Example]], *, num_shards: int, seq_len: int,
-                 batch_size: int, packed: bool) -> Iterator[EvalBatch]:
-  """This process's rows of every eval batch: each example exactly once; the same batch count everywhere."""
-  per = batch_size // num_shards
-  rows = {s: pack.pack(list(e), seq_len=seq_len, packed=packed) for s, e in sorted(shards.items())}
-  count = math.ceil(distributed.global_max(max((len(r) for r in rows.values()), default=0)) / per)
+def eval_batches(shards: Mapping[int, Sequence[tokenize.Example]], *, rows_per_batch: int, seq_len: int,
+                 packed: bool) -> Iterator[EvalBatch]:
+  """This process's `rows_per_batch` rows of every eval batch: each example exactly once; the same batch count
+  on every process.
+
+  The process's examples, from all its shards, are packed together tightly (pack.pack(tight=True)): order does
+  not matter here, and fewer rows are fewer forward passes. Rows past the end are empty (weight 0).
+  """
+  examples = [e for s in sorted(shards) for e in shards[s]]
+  rows = pack.pack(examples, seq_len=seq_len, packed=packed, tight=True)
+  count = math.ceil(distributed.global_max(len(rows)) / rows_per_batch)
   for b in range(count):
-    parts = [_slice_rows(r, b * per, (b + 1) * per) for r in rows.values()]
-    layout = [[shards[s][i] for i in row]
-              for s, r in rows.items() for row in _pad(r.layout[b * per:(b + 1) * per], per)]
-    yield EvalBatch({k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, layout)
+    begin, end = b * rows_per_batch, (b + 1) * rows_per_batch
+    layout = [[examples[i] for i in row] for row in _pad(rows.layout[begin:end], rows_per_batch)]
+    yield EvalBatch(_slice_rows(rows, begin, end), layout)
 
 
 def _pad(layout: list[list[int]], size: int) -> list[list[int]]:
@@ -262,7 +266,6 @@ def max_segments(prepared: Prepared, *, splits: Sequence[str], seq_len: int, pac
   """The most examples any eval row holds (over all processes); fixes the eval step's static slot count."""
   most = 1
   for split in splits:
-    for examples in prepared.splits[split].values():
-      if examples:
-        most = max(most, max(len(r) for r in pack.pack(examples, seq_len=seq_len, packed=packed).layout))
+    if examples := prepared.examples(split):  # packed as eval_batches packs them
+      most = max(most, max(len(r) for r in pack.pack(examples, seq_len=seq_len, packed=packed, tight=True).layout))
   return distributed.global_max(most)
