@@ -15,6 +15,7 @@ import logging
 import os
 import pathlib
 import sys
+import traceback
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -55,6 +56,8 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (one per host).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes-1.")
 _INIT_TIMEOUT = flags.DEFINE_integer("initialization_timeout", 300, "Seconds to wait for all processes to join.")
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout", 100, "Seconds of silence after which a process counts as "
+                                  "dead and the job's other processes are ended.")
 
 COMMANDS = ("train", "eval", "render", "export", "generate")
 
@@ -67,26 +70,39 @@ def _main(argv: list[str]) -> int:
   absl_logging.use_python_logging()
   logging.getLogger("ift_jax").setLevel(logging.INFO)
   from ift_jax import train  # after flag parsing: importing jax reads XLA flags from the environment
+  from ift_jax import distributed
   try:
-    from ift_jax import distributed
     distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                           process_id=_PROCESS_ID.value, timeout_s=_INIT_TIMEOUT.value)
-    if argv[1] == "train" and _DRY_RUN.value:
+                           process_id=_PROCESS_ID.value, timeout_s=_INIT_TIMEOUT.value,
+                           heartbeat_timeout_s=_HEARTBEAT.value)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  code = _run_command(argv[1], train)
+  import jax
+  if code and jax.process_count() > 1:  # failed here alone, maybe: end the job rather than stall it
+    distributed.exit_now(code)
+  return code
+
+
+def _run_command(command: str, train) -> int:
+  try:
+    if command == "train" and _DRY_RUN.value:
       import json
       print(json.dumps(train.dry_run(_CONFIG.value)))
-    elif argv[1] == "train":
+    elif command == "train":
       train.train(_CONFIG.value, _WORKDIR.value)
-    elif argv[1] == "eval":
+    elif command == "eval":
       from ift_jax import task_eval
       task_eval.evaluate_tasks(_WORKDIR.value, checkpoints=_CHECKPOINT.value, k_shot=_K_SHOT.value,
                                splits=_SPLITS.value,
                                max_new_tokens=_MAX_NEW.value if _MAX_NEW.present else None)
       print(f"wrote {_WORKDIR.value}/eval/report.md, metrics.json, predictions.jsonl and charts")
-    elif argv[1] == "export":
+    elif command == "export":
       from ift_jax import export
       export.export(_OUT.value, dtype=_DTYPE.value, model=_MODEL.value, workdir=_WORKDIR.value,
                     checkpoint=_CHECKPOINT.value)
-    elif argv[1] == "generate":
+    elif command == "generate":
       _generate()
     else:
       print(train.render(_CONFIG.value, split=_SPLIT.value, num_examples=_NUM.value))
@@ -96,6 +112,12 @@ def _main(argv: list[str]) -> int:
   except train.NonFiniteLoss as e:
     print(f"error: {e}", file=sys.stderr)
     return 3
+  except Exception:
+    import jax
+    if jax.process_count() == 1:
+      raise
+    traceback.print_exc()
+    return 1
   return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 
 import jax
@@ -24,12 +25,16 @@ def _on_cloud_tpu_pod() -> bool:
 
 
 def initialize(*, coordinator_address: str | None, num_processes: int | None, process_id: int | None,
-               timeout_s: int) -> None:
-  """Joins the job's processes, or does nothing for a single-process run. Fails within `timeout_s`, never hangs."""
+               timeout_s: int, heartbeat_timeout_s: int = 100) -> None:
+  """Joins the job's processes, or does nothing for a single-process run. Fails within `timeout_s`, never hangs.
+
+  A process that stops answering for `heartbeat_timeout_s` (JAX's default: 100) is taken as dead, and the
+  coordination service then ends every other process of the job (see `exit_now`).
+  """
   explicit = [coordinator_address, num_processes, process_id]
   if all(v is None for v in explicit):
     if _on_cloud_tpu_pod():
-      _call(timeout_s=timeout_s, what="Cloud TPU auto-detection")
+      _call(timeout_s=timeout_s, what="Cloud TPU auto-detection", heartbeat_timeout_seconds=heartbeat_timeout_s)
     return
   if any(v is None for v in explicit):
     raise UserError("--coordinator_address, --num_processes and --process_id go together: give all three "
@@ -41,7 +46,21 @@ def initialize(*, coordinator_address: str | None, num_processes: int | None, pr
   # CPU processes exchange data over TCP with gloo; the setting only affects the CPU backend.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   _call(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id,
-        timeout_s=timeout_s, what=f"coordinator {coordinator_address}")
+        timeout_s=timeout_s, what=f"coordinator {coordinator_address}", heartbeat_timeout_seconds=heartbeat_timeout_s)
+
+
+def exit_now(code: int) -> None:
+  """Ends this process at once, skipping the interpreter's shutdown, when one process of a job fails alone.
+
+  A normal exit waits at JAX's shutdown barrier for the other processes, which meanwhile wait for this one in
+  their next collective: the job stalls for the shutdown timeout (5 minutes) and then aborts amid barrier
+  errors. Gone at once, the process is reported dead by the coordination service, which ends the others: at
+  once when it was process 0 (it hosts the service), after the heartbeat timeout otherwise (measured on CPU,
+  2 processes: 1 s and 101 s). Checkpoints stay whole: Orbax renames a checkpoint only when it is complete.
+  """
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
 
 
 def _wait_for_coordinator(address: str, timeout_s: int) -> None:

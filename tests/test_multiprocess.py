@@ -95,3 +95,30 @@ def test_an_unreachable_coordinator_fails_fast_with_a_clear_message(inputs, tmp_
                         timeout=120)
   assert proc.returncode == 2
   assert "could not join the job via coordinator 127.0.0.1:" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_process_that_fails_alone_ends_the_job(inputs, tmp_path, failing):
+  """One process is told to keep the best checkpoint by a metric evaluation does not report, so it fails alone at
+  step 4's evaluation, after the processes have run collectives together: it prints the one-line error and exits 2
+  at once, and the other, waiting for it in the next collective, is ended by the coordination service — at once
+  when process 0 failed (it hosts the service), after the heartbeat timeout (here 5 s) otherwise. A normal exit
+  waited at JAX's shutdown barrier for 5 minutes while the other process waited for it."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  address = f"127.0.0.1:{_free_port()}"
+  bad = "--config.checkpoint.best_metric=validation/no_such_metric"
+  procs = [subprocess.Popen(
+      _cmd("train", inputs, tmp_path / "run", *_STEPS, f"--coordinator_address={address}", "--num_processes=2",
+           f"--process_id={i}", "--initialization_timeout=60", "--heartbeat_timeout=5",
+           *([bad] if i == failing else [])),
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  try:
+    outputs = [p.communicate(timeout=150) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert procs[failing].returncode == 2, outputs[failing][1][-2000:]
+  assert "checkpoint.best_metric='validation/no_such_metric'" in outputs[failing][1].strip().splitlines()[-1]
+  assert procs[1 - failing].returncode != 0
+  assert "validation, base model" in outputs[0][0]  # they had evaluated together before
