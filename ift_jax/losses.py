@@ -78,16 +78,9 @@ def chunked_token_losses(logits_fn: Callable[[jax.Array], jax.Array], x_BxLxD: j
   without any are skipped: an SFT batch pays the vocabulary projection only for its completion tokens.
   Forward only.
   """
-  b, l, d = x_BxLxD.shape
-  pad = -l % chunk
-  if pad:  # unweighted padding positions: their chunks are skipped
-    x_BxLxD = jnp.pad(x_BxLxD, ((0, 0), (0, pad), (0, 0)))
-    targets_BxL, weights_BxL = (jnp.pad(a, ((0, 0), (0, pad))) for a in (targets_BxL, weights_BxL))
-  n = (l + pad) // chunk
-  order_BxL = weighted_first(weights_BxL)
-  x_BxLxD = jnp.take_along_axis(x_BxLxD, order_BxL[..., None], axis=1)
-  targets_BxL, weights_BxL = (jnp.take_along_axis(a, order_BxL, axis=1) for a in (targets_BxL, weights_BxL))
-  chunks = lambda a: a.reshape(b, n, chunk, *a.shape[2:]).swapaxes(0, 1)  # (B, n·C, ...) -> (n, B, C, ...)
+  b, l, _ = x_BxLxD.shape
+  order_BxM, x_NxBxCxD, targets_NxBxC, weights_NxBxC = _weighted_first_chunks(x_BxLxD, targets_BxL, weights_BxL,
+                                                                              chunk)
 
   def one_chunk(xs):
     x_BxCxD, targets_BxC, weights_BxC = xs
@@ -100,17 +93,27 @@ def chunked_token_losses(logits_fn: Callable[[jax.Array], jax.Array], x_BxLxD: j
     zeros = lambda: (jnp.zeros(targets_BxC.shape, jnp.float32),) * 2
     return jax.lax.cond(jnp.any(weighted_BxC), compute, zeros)
 
-  ce_NxBxC, hit_NxBxC = jax.lax.map(one_chunk, (chunks(x_BxLxD), chunks(targets_BxL), chunks(weights_BxL)))
-  back_BxL = jnp.argsort(order_BxL, axis=1)  # the inverse permutation: each position's place in the sorted row
-  unchunk = lambda a_NxBxC: jnp.take_along_axis(a_NxBxC.swapaxes(0, 1).reshape(b, n * chunk), back_BxL,
-                                                axis=1)[:, :l]
+  ce_NxBxC, hit_NxBxC = jax.lax.map(one_chunk, (x_NxBxCxD, targets_NxBxC, weights_NxBxC))
+  back_BxM = jnp.argsort(order_BxM, axis=1)  # the inverse permutation: each position's place in the sorted row
+  unchunk = lambda a_NxBxC: jnp.take_along_axis(a_NxBxC.swapaxes(0, 1).reshape(b, -1), back_BxM, axis=1)[:, :l]
   return unchunk(ce_NxBxC), unchunk(hit_NxBxC)
 
 
-def weighted_first(weights_BxL: jax.Array) -> jax.Array:
-  """The permutation of each row that puts its weighted positions first, in order (a stable per-row sort: rows
-  stay on their shards)."""
-  return jnp.argsort((weights_BxL == 0).astype(jnp.int32), axis=1, stable=True)
+def _weighted_first_chunks(x_BxLxD: jax.Array, targets_BxL: jax.Array, weights_BxL: jax.Array, chunk: int
+                           ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """(order_BxM, x_NxBxCxD, targets_NxBxC, weights_NxBxC): each row's weighted positions moved to its front, in
+  order (a stable per-row sort, so rows stay on their shards), the rows padded with unweighted positions to
+  M = n·chunk and cut into n chunks; order_BxM is each row's permutation."""
+  b, l, _ = x_BxLxD.shape
+  pad = -l % chunk
+  if pad:  # unweighted padding positions: their chunks are skipped
+    x_BxLxD = jnp.pad(x_BxLxD, ((0, 0), (0, pad), (0, 0)))
+    targets_BxL, weights_BxL = (jnp.pad(a, ((0, 0), (0, pad))) for a in (targets_BxL, weights_BxL))
+  order_BxM = jnp.argsort((weights_BxL == 0).astype(jnp.int32), axis=1, stable=True)
+  x_BxMxD = jnp.take_along_axis(x_BxLxD, order_BxM[..., None], axis=1)
+  targets_BxM, weights_BxM = (jnp.take_along_axis(a, order_BxM, axis=1) for a in (targets_BxL, weights_BxL))
+  chunks = lambda a: a.reshape(b, -1, chunk, *a.shape[2:]).swapaxes(0, 1)  # (B, n·C, ...) -> (n, B, C, ...)
+  return order_BxM, chunks(x_BxMxD), chunks(targets_BxM), chunks(weights_BxM)
 
 
 def fused_head_sums(x_BxLxD: jax.Array, head_w: jax.Array, targets_BxL: jax.Array, weights_BxL: jax.Array,
@@ -128,21 +131,8 @@ def fused_head_sums(x_BxLxD: jax.Array, head_w: jax.Array, targets_BxL: jax.Arra
   `softcap` applies Gemma's cap·tanh(z/cap) to the logits (and its derivative to the gradient).
   The sums are the same as `weighted_sums` of the whole logits, up to float summation order.
   """
-  b, l, d = x_BxLxD.shape
-  pad = -l % chunk
-  if pad:  # unweighted padding positions: their chunks are skipped
-    x_BxLxD = jnp.pad(x_BxLxD, ((0, 0), (0, pad), (0, 0)))
-    targets_BxL, weights_BxL = (jnp.pad(a, ((0, 0), (0, pad))) for a in (targets_BxL, weights_BxL))
-  n = (l + pad) // chunk
-  order_BxL = weighted_first(weights_BxL)
-  x_BxLxD = jnp.take_along_axis(x_BxLxD, order_BxL[..., None], axis=1)
-  targets_BxL, weights_BxL = (jnp.take_along_axis(a, order_BxL, axis=1) for a in (targets_BxL, weights_BxL))
-
-  def chunks(a):  # (B, n·C, ...) -> (n, B, C, ...): the scan runs over the chunks
-    return a.reshape(b, n, chunk, *a.shape[2:]).swapaxes(0, 1)
-
-  loss, correct = _fused_loss_and_hits(chunks(x_BxLxD), head_w, chunks(targets_BxL), chunks(weights_BxL),
-                                       vocab_major, softcap)
+  _, x_NxBxCxD, targets_NxBxC, weights_NxBxC = _weighted_first_chunks(x_BxLxD, targets_BxL, weights_BxL, chunk)
+  loss, correct = _fused_loss_and_hits(x_NxBxCxD, head_w, targets_NxBxC, weights_NxBxC, vocab_major, softcap)
   return {"loss": loss, "correct": correct, "weight": jnp.sum(weights_BxL)}
 
 

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from ift_jax.data import loader
 from ift_jax.data.pack import Rows, pack
 from ift_jax.data.tokenize import Example
 from ift_jax.errors import UserError
@@ -71,14 +72,20 @@ def _rebuild(rows: Rows, index: int) -> tuple[list[int], list[float]]:
   return [int(inputs[0])] + targets.tolist(), rows.weights[row][mask].tolist()
 
 
-@pytest.mark.parametrize("packed", [True, False])
-def test_every_example_appears_exactly_once_and_rows_fit(packed):
-  rng = np.random.default_rng(0)
-  seq_len = 16
+def _random_examples(count: int, seq_len: int, seed: int) -> list[Example]:
+  """`count` examples of 2 .. seq_len + 1 tokens with random weights."""
+  rng = np.random.default_rng(seed)
   examples = []
-  for i in range(200):
+  for i in range(count):
     n = int(rng.integers(2, seq_len + 2))
     examples.append(_example(rng.integers(1, 1000, n), (rng.random(n) > 0.5).astype(np.float32), index=i))
+  return examples
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_every_example_appears_exactly_once_and_rows_fit(packed):
+  seq_len = 16
+  examples = _random_examples(200, seq_len, seed=0)
   rows = pack(examples, seq_len=seq_len, packed=packed)
   assert sorted(i for members in rows.layout for i in members) == list(range(200))
   assert [i for members in rows.layout for i in members] == list(range(200))  # order kept
@@ -104,12 +111,8 @@ def test_tight_packing_golden():
 
 
 def test_tight_packing_keeps_every_example_in_fewer_rows():
-  rng = np.random.default_rng(1)
   seq_len = 32
-  examples = []
-  for i in range(300):
-    n = int(rng.integers(2, seq_len + 2))
-    examples.append(_example(rng.integers(1, 1000, n), (rng.random(n) > 0.5).astype(np.float32), index=i))
+  examples = _random_examples(300, seq_len, seed=1)
   tight, loose = (pack(examples, seq_len=seq_len, packed=True, tight=t) for t in (True, False))
   assert sorted(i for members in tight.layout for i in members) == list(range(300))
   assert all(members == sorted(members) for members in tight.layout)
@@ -127,7 +130,6 @@ def test_tight_packing_keeps_every_example_in_fewer_rows():
 def test_eval_batches_hold_every_example_once_packed_tightly():
   """Evaluation pools a process's shards and packs them tightly; every batch has rows_per_batch rows (empty ones
   at the end), and each row's layout names the examples its segments hold."""
-  from ift_jax.data import loader
   rng = np.random.default_rng(2)
   lengths = {s: rng.integers(2, 18, int(rng.integers(3, 9))) for s in range(4)}
   shards = {s: [_example(rng.integers(1, 1000, n), np.ones(n), index=10 * s + i) for i, n in enumerate(ns)]
