@@ -1,7 +1,8 @@
 """Orbax checkpoints in the workdir: full weights, optimizer state, step, loader position, resolved config.
 
     DIR/checkpoints/<step>/   the last `keep` checkpoints (rerunning the same command resumes from the newest)
-    DIR/best/<step>/          the best one by a validation metric
+    DIR/best/<step>/          the best one by a validation metric: its parameters and step only, which is all
+                              that evaluation and export read (Adam's moments would triple its size on disk)
 
 Each save is atomic (Orbax writes to a temporary directory and renames it when complete), so a run killed while
 saving leaves the previous checkpoint as the latest. Restoring takes the target shardings of the current mesh,
@@ -27,6 +28,11 @@ def _manager(directory: pathlib.Path, keep: int) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True,
                                          multiprocessing_options=multiprocessing)
   return ocp.CheckpointManager(directory.absolute(), options=options, item_names=("state", "loader", "config"))
+
+
+def _save_args(state: Any, loader_state: dict[str, Any], config: dict[str, Any]) -> ocp.args.Composite:
+  return ocp.args.Composite(state=ocp.args.StandardSave(state), loader=ocp.args.JsonSave(loader_state),
+                            config=ocp.args.JsonSave(config))
 
 
 class Checkpointer:
@@ -55,14 +61,15 @@ class Checkpointer:
   def save(self, step: int, state: Any, loader_state: dict[str, Any], config: dict[str, Any], *,
            best: bool = False) -> None:
     """Starts an asynchronous save; `wait()` (or the next save) makes sure it is finished."""
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state), loader=ocp.args.JsonSave(loader_state),
-                              config=ocp.args.JsonSave(config))
-    self._latest.save(step, args=args)
+    self._latest.save(step, args=_save_args(state, loader_state, config))
     if best:
-      self._best.save(step, args=args)
+      self._best.save(step, args=_save_args({"step": state["step"], "params": state["params"]}, loader_state,
+                                            config))
 
   def restore(self, abstract_state: Any, *, step: int | str = "latest") -> tuple[Any, dict, dict]:
-    """(state, loader state, config) of `step` ("latest", "best" or a number), laid out as `abstract_state`."""
+    """(state, loader state, config) of `step` ("latest" or a number), laid out as `abstract_state`."""
+    if step == "best":
+      raise ValueError("the best checkpoint holds parameters only; read it with restore_params")
     manager, number = self._resolve(step)
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), loader=ocp.args.JsonRestore(),
                               config=ocp.args.JsonRestore())

@@ -41,16 +41,19 @@ def _metrics(workdir):
   return [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _final_params(workdir, step):
-  """A checkpoint's parameters as host numpy arrays, whatever mesh or process count wrote them."""
+def _saved_state(workdir, step, folder="checkpoints"):
+  """A checkpoint's state as host numpy arrays, whatever mesh or process count wrote it."""
   import jax
   import orbax.checkpoint as ocp
-  path = workdir / "checkpoints" / str(step) / "state"
+  path = workdir / folder / str(step) / "state"
   with ocp.PyTreeCheckpointer() as ckpt:
     meta = ckpt.metadata(path)
     tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
-    state = ckpt.restore(path, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
-  return state["params"]
+    return ckpt.restore(path, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
+
+
+def _final_params(workdir, step):
+  return _saved_state(workdir, step)["params"]
 
 
 def test_train_eval_render_on_a_2x2x2_mesh(inputs, tmp_path):
@@ -117,6 +120,16 @@ def _assert_reproduces(workdir, reference):
   assert losses(workdir) == losses(reference)
   assert json.loads((workdir / "test_metrics.json").read_text()) == json.loads(
       (reference / "test_metrics.json").read_text())
+
+
+def test_best_checkpoint_holds_the_best_steps_parameters_only(reference):
+  import jax
+  validation = {r["step"]: r["validation/loss"] for r in _metrics(reference) if "validation/loss" in r and r["step"]}
+  best_step = min(validation, key=validation.get)
+  assert [p.name for p in (reference / "best").iterdir()] == [str(best_step)]
+  saved = _saved_state(reference, best_step, folder="best")
+  assert set(saved) == {"step", "params"} and int(saved["step"]) == best_step  # no optimizer moments
+  jax.tree.map(np.testing.assert_array_equal, saved["params"], _final_params(reference, best_step))
 
 
 def test_kill_9_then_rerun_matches_uninterrupted(inputs, reference, tmp_path):
