@@ -26,9 +26,10 @@ def to_global(local: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Arr
 
 
 def evaluate(eval_fn: Callable, params: Any, shards: Mapping[int, Sequence[tokenize.Example]], *, mesh: Mesh,
-             template_names: Sequence[str], seq_len: int, batch_size: int, packed: bool
-             ) -> dict[str, float]:
-  """Metrics of `params` on the examples of every process: overall and "<source>/<template>/<metric>" keys."""
+             template_names: Sequence[str], seq_len: int, batch_size: int, packed: bool,
+             on_batch: Callable[[], None] = lambda: None) -> dict[str, float]:
+  """Metrics of `params` on the examples of every process: overall and "<source>/<template>/<metric>" keys.
+  `on_batch` is called as each batch's results arrive (the training loop's watchdog counts it as progress)."""
   index = {name: i for i, name in enumerate(template_names)}
   totals = np.zeros((len(template_names), len(_FIELDS)))
   batch_sh = sharding.batch_sharding(mesh)
@@ -40,6 +41,7 @@ def evaluate(eval_fn: Callable, params: Any, shards: Mapping[int, Sequence[token
     sums = eval_fn(params, to_global(eval_batch.arrays, batch_sh))
     if pending is not None:  # read the previous batch's sums while this one computes
       _accumulate(totals, index, *pending)
+      on_batch()
     pending = (eval_batch.examples, sums, rows)
   if pending is not None:
     _accumulate(totals, index, *pending)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ift_jax import checkpoint, distributed, evaluate, optim, sharding, steps
+from ift_jax import checkpoint, distributed, evaluate, optim, sharding, steps, watchdog
 from ift_jax.data import loader
 from ift_jax.errors import UserError
 from ift_jax.metrics_log import MetricsLog
@@ -49,6 +49,7 @@ class Session:
   abstract_state: Any
   checkpointer: checkpoint.Checkpointer
   pretrained: load.Pretrained
+  watchdog: watchdog.Watchdog = dataclasses.field(default_factory=lambda: watchdog.Watchdog(0))  # 0: off
 
 
 def validate_config(c: Any) -> None:
@@ -223,8 +224,10 @@ def prepare_data(c: Any, tokenizer: Any) -> loader.Prepared:
 def _start(s: Session, log: MetricsLog) -> tuple[Any, loader.Position, float | None]:
   """Fresh state from the pretrained weights, or the latest checkpoint when the workdir has one."""
   if s.checkpointer.latest_step() is None:
+    s.watchdog.beat("loading the pretrained weights")
     params = load.load_params(s.pretrained, s.mesh)
     return s.compiled.init(params), loader.Position(), None
+  s.watchdog.beat("restoring the latest checkpoint")
   state, loader_state, saved_config = s.checkpointer.restore_newest_valid(s.abstract_state)
   _warn_config_changes(saved_config, s.config.to_dict())
   step = int(state["step"])
@@ -245,9 +248,12 @@ def _warn_config_changes(saved: dict, current: dict, prefix: str = "") -> None:
 
 def run_eval(s: Session, params: Any, split: str) -> dict[str, float]:
   c = s.config
+  doing = f"evaluating the {split} split"
+  s.watchdog.beat(doing)
   metrics = evaluate.evaluate(s.compiled.eval, params, s.prepared.splits[split], mesh=s.mesh,
                               template_names=s.prepared.template_names, seq_len=c.data.seq_len,
-                              batch_size=c.train.eval_batch_size, packed=c.data.packing)
+                              batch_size=c.train.eval_batch_size, packed=c.data.packing,
+                              on_batch=lambda: s.watchdog.beat(doing))
   return {f"{split}/{k}": v for k, v in metrics.items()}
 
 
@@ -272,9 +278,17 @@ def _check_finite(metrics: dict[str, Any], step: int, position: loader.Position,
                         f"{s.workdir}/checkpoints; lower optim.lr or check that batch's data")
 
 
-def train(c: Any, workdir: str | pathlib.Path) -> dict[str, float]:
-  """Trains (or resumes) to the configured number of steps, then reports test metrics."""
-  s = build_session(c, workdir)
+def train(c: Any, workdir: str | pathlib.Path, *, hang_timeout_s: float = 0) -> dict[str, float]:
+  """Trains (or resumes) to the configured number of steps, then reports test metrics. With `hang_timeout_s` > 0,
+  a run that makes no progress for that long (no step, evaluation batch or save) ends (see `watchdog`)."""
+  with watchdog.Watchdog(hang_timeout_s) as dog:
+    dog.beat("preparing the data")
+    s = build_session(c, workdir)
+    s.watchdog = dog
+    return _train(s)
+
+
+def _train(s: Session) -> dict[str, float]:
   log = MetricsLog(s.workdir)
   try:
     state, position, best = _start(s, log)
@@ -292,6 +306,7 @@ def train(c: Any, workdir: str | pathlib.Path) -> dict[str, float]:
     log.echo(compare_base(log.read(), test))
     return test
   finally:  # also on errors: let in-flight asynchronous saves finish, so no checkpoint is left half-written
+    s.watchdog.beat("finishing the checkpoint writes")
     s.checkpointer.wait()
     s.checkpointer.close()
     log.close()
@@ -352,6 +367,7 @@ def _steps(s: Session, log: MetricsLog, progress: Any, preemption: _Preemption, 
   stop = False
   if int(state["step"]) >= s.total_steps:  # resumed from the final checkpoint (killed before it exited)
     return state, best, stop
+  s.watchdog.beat(f"train step {int(state['step']) + 1} (the first compiles the step)")
   local, following = s.train_loader.batch(position)
   batch = evaluate.to_global(local, batch_sh)
   for step in range(int(state["step"]) + 1, s.total_steps + 1):
@@ -377,6 +393,7 @@ def _steps(s: Session, log: MetricsLog, progress: Any, preemption: _Preemption, 
       if pending is not None:  # never save an update whose loss we have not seen to be finite
         _log_train(s, log, progress, timer, *pending)
         pending = None
+      s.watchdog.beat(f"saving the checkpoint of step {step}")
       s.checkpointer.save(step, state, {**following.to_json(), "best": best}, c.to_dict(), best=improved)
     if stop or step == s.total_steps:
       break
@@ -404,6 +421,7 @@ class _StepTimer:
 def _log_train(s: Session, log: MetricsLog, progress: Any, timer: _StepTimer, step: int, metrics: Any,
                position: loader.Position, tokens: int, t0: float) -> None:
   values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  s.watchdog.beat(f"train step {step + 1}")
   _check_finite(values, step, position, s)
   tokens_per_s = tokens / timer.seconds(t0)
   progress.update(step - progress.n)

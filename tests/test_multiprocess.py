@@ -122,3 +122,50 @@ def test_a_process_that_fails_alone_ends_the_job(inputs, tmp_path, failing):
   assert "checkpoint.best_metric='validation/no_such_metric'" in outputs[failing][1].strip().splitlines()[-1]
   assert procs[1 - failing].returncode != 0
   assert "validation, base model" in outputs[0][0]  # they had evaluated together before
+
+
+# Fault injection: this process's main thread blocks for good at its second validation (step 4), alive and
+# heartbeating, so the coordination service sees nothing wrong: the hang that multi-host users meet.
+_STUCK_AT_STEP_4 = """
+import time
+from ift_jax import train
+run_eval, validations = train.run_eval, []
+def stuck_at_the_second_validation(s, params, split):
+  validations.append(split == "validation")
+  if sum(validations) == 2:
+    time.sleep(3600)
+  return run_eval(s, params, split)
+train.run_eval = stuck_at_the_second_validation
+from ift_jax.cli import main
+main()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stuck", [0, 1])
+def test_a_stuck_process_does_not_hang_the_job(inputs, tmp_path, stuck):
+  """One process stops advancing (its own watchdog off, as if it could not even be interrupted); the other waits
+  for it in step 4's evaluation until its watchdog finds no progress for --hang_timeout, prints the stacks and the
+  one-line error, and exits 4; the coordination service then ends the stuck one. Without the watchdog both wait
+  forever."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  address = f"127.0.0.1:{_free_port()}"
+  cmds = [_cmd("train", inputs, tmp_path / "run", *_STEPS, f"--coordinator_address={address}", "--num_processes=2",
+               f"--process_id={i}", "--initialization_timeout=60", "--heartbeat_timeout=5",
+               f"--hang_timeout={0 if i == stuck else 20}") for i in range(2)]
+  cmds[stuck][2] = _STUCK_AT_STEP_4
+  procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for cmd in cmds]
+  try:
+    outputs = [p.communicate(timeout=240) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  waiting = 1 - stuck
+  stderr = outputs[waiting][1]
+  assert procs[waiting].returncode == 4, stderr[-3000:]
+  assert stderr.strip().splitlines()[-1].startswith(
+      f"error: no progress for 20 s while evaluating the validation split (process {waiting} of 2)")
+  assert "--- stack of thread MainThread" in stderr and "in evaluate" in stderr  # where it waited
+  assert procs[stuck].returncode != 0
+  assert "validation, step 4" not in outputs[0][0]
