@@ -142,12 +142,12 @@ main()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stuck", [0, 1])
-def test_a_stuck_process_does_not_hang_the_job(inputs, tmp_path, stuck):
+def test_a_stuck_process_does_not_hang_the_job(inputs, tmp_path, stuck=1):
   """One process stops advancing (its own watchdog off, as if it could not even be interrupted); the other waits
   for it in step 4's evaluation until its watchdog finds no progress for --hang_timeout, prints the stacks and the
   one-line error, and exits 4; the coordination service then ends the stuck one. Without the watchdog both wait
-  forever."""
+  forever. (How a process's exit ends the other, whichever is process 0, is tested above; one case here keeps the
+  suite's time.)"""
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
   address = f"127.0.0.1:{_free_port()}"
   cmds = [_cmd("train", inputs, tmp_path / "run", *_STEPS, f"--coordinator_address={address}", "--num_processes=2",
