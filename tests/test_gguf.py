@@ -277,6 +277,49 @@ def test_smollm2_tokenizer(smollm2):
 
 
 @pytest.mark.slow
+def test_the_converted_tokenizer_is_cached_and_reads_back_the_same(smollm2, tmp_path, monkeypatch, caplog):
+  """transformers' conversion from GGUF metadata runs once per file (and transformers version); later loads read
+  the saved folder and tokenize, decode and chat exactly alike. A changed file converts again; a cache that
+  cannot be written costs only the conversion."""
+  import shutil
+  import transformers  # pylint: disable=import-outside-toplevel
+  conversions = []
+  convert = transformers.AutoTokenizer.from_pretrained
+  def counting(*args, **kwargs):
+    conversions.extend([kwargs["gguf_file"]] if "gguf_file" in kwargs else [])
+    return convert(*args, **kwargs)
+  monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", counting)
+  monkeypatch.setenv("IFT_JAX_CACHE", str(tmp_path / "cache"))
+
+  fresh = gguf_io.gguf_tokenizer(smollm2)
+  again = gguf_io.gguf_tokenizer(smollm2)
+  assert conversions == [smollm2.name]
+  assert [p.name.startswith(".") for p in (tmp_path / "cache" / "tokenizers").iterdir()] == [False]  # no temp left
+  texts = ["Hello world", "  two  spaces\tand a tab\n\nlines", "émojis 🙂 — “quotes”", "<|im_start|>user\nhi<|im_end|>",
+           "", " 4"]
+  for text in texts:
+    for special in (True, False):
+      assert fresh(text, add_special_tokens=special).input_ids == again(text, add_special_tokens=special).input_ids
+    ids = fresh(text).input_ids
+    assert fresh.decode(ids) == again.decode(ids)
+  chat = [{"role": "user", "content": "Rate: fine"}, {"role": "assistant", "content": "3"}]
+  assert fresh.apply_chat_template(chat, tokenize=False) == again.apply_chat_template(chat, tokenize=False)
+  assert (fresh.eos_token_id, fresh.bos_token_id, fresh.pad_token_id, fresh.all_special_ids, fresh.get_vocab()) == (
+      again.eos_token_id, again.bos_token_id, again.pad_token_id, again.all_special_ids, again.get_vocab())
+
+  changed = tmp_path / "copy" / smollm2.name  # another file (here: path and time) converts again
+  changed.parent.mkdir()
+  shutil.copy(smollm2, changed)
+  gguf_io.gguf_tokenizer(changed)
+  assert conversions == [smollm2.name] * 2
+
+  (tmp_path / "not_a_folder").write_text("")
+  monkeypatch.setenv("IFT_JAX_CACHE", str(tmp_path / "not_a_folder"))
+  assert gguf_io.gguf_tokenizer(smollm2)("Hello world").input_ids == [19556, 905]
+  assert conversions == [smollm2.name] * 3 and "could not cache the tokenizer" in caplog.text
+
+
+@pytest.mark.slow
 def test_smollm2_tensors_equal_transformers_and_continue_text(smollm2):
   """Every tensor equals transformers' own GGUF conversion, and the model says ' Rome'.
 

@@ -18,14 +18,21 @@ GGUF conventions this module undoes:
 from __future__ import annotations
 
 import collections.abc
+import hashlib
+import logging
 import os
 import pathlib
 import re
+import shutil
+import tempfile
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
+from ift_jax import assets
 from ift_jax.errors import UserError
+
+_log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
   import transformers
@@ -316,18 +323,49 @@ class GGUFTensors(collections.abc.Mapping):
 def gguf_tokenizer(path: os.PathLike[str] | str) -> transformers.PreTrainedTokenizerBase:
   """The Hugging Face tokenizer stored in a GGUF file's metadata (chat template included).
 
-  transformers builds it from the metadata; the EOS token is set from tokenizer.ggml.eos_token_id when
-  transformers leaves it unset.
+  transformers builds it from the metadata (10 s for SmolLM2's, on every command); the EOS token is set from
+  tokenizer.ggml.eos_token_id when transformers leaves it unset. The result is kept in the cache
+  (`_tokenizer_cache`) and later read back from there in a fraction of a second.
   """
   from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
 
   path = pathlib.Path(path)
   if not path.is_file():
     raise UserError(f"{path}: GGUF file not found; check the model path")
+  cached = _tokenizer_cache(path)
+  if (cached / "tokenizer_config.json").is_file():
+    return AutoTokenizer.from_pretrained(str(cached))
   tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
   if tokenizer.eos_token is None:
     eos_id = _field(_open(path), "tokenizer.ggml.eos_token_id")
     if eos_id is None:
       raise UserError(f"{path}: GGUF tokenizer has no EOS token (tokenizer.ggml.eos_token_id); add it")
     tokenizer.eos_token = tokenizer.convert_ids_to_tokens(int(eos_id))
+  _save_tokenizer(tokenizer, cached)
   return tokenizer
+
+
+def _tokenizer_cache(path: pathlib.Path) -> pathlib.Path:
+  """CACHE/tokenizers/<key>: the key changes with the file (path, size, modification time) and with the
+  transformers version that converts it."""
+  from transformers import __version__ as transformers_version  # pylint: disable=import-outside-toplevel
+
+  stat = path.stat()
+  identity = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|transformers {transformers_version}|1"
+  return assets.cache_dir() / "tokenizers" / hashlib.sha256(identity.encode()).hexdigest()[:32]
+
+
+def _save_tokenizer(tokenizer: Any, folder: pathlib.Path) -> None:
+  """Writes the folder whole or not at all (a rename), so a concurrent or interrupted writer leaves no half
+  tokenizer; a cache that cannot be written only costs the conversion next time."""
+  try:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.")
+    try:
+      tokenizer.save_pretrained(tmp)
+      os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a shared cache must be readable by others
+      os.rename(tmp, folder)
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; left when another process won the race
+  except OSError as e:
+    _log.warning("could not cache the tokenizer in %s (%s); it will be converted again next time", folder, e)
