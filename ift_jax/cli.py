@@ -142,5 +142,6 @@ def _generate() -> None:
 def main() -> None:
   """The `ift-jax` command. Restarts itself once with huge-page malloc first (see `ift_jax.hostenv`)."""
   hostenv.use_huge_pages()
-  os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+  # Batched tokenization (data preparation) uses every core; nothing forks after it (subprocesses exec at once).
+  os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
   app.run(_main)

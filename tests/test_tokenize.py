@@ -5,6 +5,7 @@ import pytest
 
 from ift_jax.data import templates
 from ift_jax.data.templates import Template
+from ift_jax.data import tokenize as tokenize_module
 from ift_jax.data.tokenize import TokenizeStats, tokenize, tokenize_split
 from ift_jax.errors import UserError
 from tests.tokenizer_util import VOCAB, build_tiny_tokenizer
@@ -139,6 +140,31 @@ def test_tokenize_split_order_and_stats(tok):
   assert stats.summary() == (
       "3 examples (1 truncated, 1 dropped); per template examples/truncated/dropped: "
       "amazon_reviews/rating_from_review: 2/1/0, amazon_reviews/review_from_rating: 1/0/1")
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_batched_tokenization_equals_one_record_at_a_time(tok, monkeypatch, chat):
+  """tokenize_all sends each template's records through the tokenizer in batches (here of 3, so batches end
+  mid-template): every example, truncated or dropped, and the counts are those of one record at a time."""
+  monkeypatch.setattr(tokenize_module, "_BATCH", 3)
+  two = Template(name="two", prompt="{{ title }}: {{ text }}\nSentiment:", completion=" {{ sentiment }}")
+  words = "the movie was great , it was good !".split()
+  records = [{"title": " ".join(words[:1 + i % 3]), "text": " ".join(words[:i]) or "bad",
+              "sentiment": "positive" if i % 2 else "the movie was great"} for i in range(10)]
+  records.insert(4, {"title": "good", "text": "bad", "sentiment": " ".join(words + words[:2])})  # cannot fit
+  pairs = [(template, record, index) for index, record in enumerate(records) for template in (SENTIMENT, two)]
+  batched_stats, single_stats = TokenizeStats(), TokenizeStats()
+  batched = tokenize_module.tokenize_all(tok, pairs, seq_len=12, chat=chat, stats=batched_stats, source="m")
+  single = [tokenize(tok, t, r, seq_len=12, chat=chat, stats=single_stats, source="m", record_index=i)
+            for t, r, i in pairs]
+  assert [e is None for e in batched] == [e is None for e in single]
+  for a, b in zip(batched, single):
+    if a is not None:
+      assert (a.ids.tolist(), a.weights.tolist(), a.template, a.record_index) == (
+          b.ids.tolist(), b.weights.tolist(), b.template, b.record_index)
+  assert batched_stats.counts == single_stats.counts
+  counts = batched_stats.total()
+  assert counts.truncated > 0 and counts.dropped > 0 and counts.examples > counts.truncated  # all paths taken
 
 
 class _SlowTokenizer:

@@ -134,15 +134,12 @@ def _tokenize_shards(tokenizer, chosen, src, split, shards, offset, *, cap, seed
   records, names = src.splits[split], sorted(chosen)
   keep = _capped(len(records), len(names), cap, per_template=split != "train", seed=seed + offset)
   stats = tokenize.TokenizeStats()
-  for local in keep:
-    index = offset + local
-    shard = index % plan.num_shards
-    if shard in shards:
-      record_index, t = divmod(local, len(names))
-      example = tokenize.tokenize(tokenizer, chosen[names[t]], records[record_index], seq_len=seq_len,
-                                  chat=chat, stats=stats, source=src.name, record_index=record_index)
-      if example is not None:
-        shards[shard].append(example)
+  mine = [local for local in keep if (offset + local) % plan.num_shards in shards]
+  pairs = [(chosen[names[local % len(names)]], records[local // len(names)], local // len(names)) for local in mine]
+  examples = tokenize.tokenize_all(tokenizer, pairs, seq_len=seq_len, chat=chat, stats=stats, source=src.name)
+  for local, example in zip(mine, examples):
+    if example is not None:
+      shards[(offset + local) % plan.num_shards].append(example)
   counts = distributed.global_sum(np.array([[c.examples, c.truncated, c.dropped] for c in (
       stats.counts.get(f"{src.name}/{n}", tokenize.TemplateCounts()) for n in names)] or np.zeros((0, 3))))
   summary = ", ".join(f"{src.name}/{n}: {e}/{t}/{d}" for n, (e, t, d) in zip(names, counts.astype(int)))

@@ -13,6 +13,8 @@ and the prompt re-rendered, so the instruction and the answer cue ("Sentiment:")
 make it fit, or the completion alone does not fit, the example is dropped. Both are counted per template.
 """
 
+from __future__ import annotations
+
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -21,6 +23,8 @@ import numpy as np
 
 from ift_jax.data.templates import Template
 from ift_jax.errors import UserError
+
+_BATCH = 1024  # records per tokenizer call: the per-call overhead amortized, the texts' memory bounded
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: numpy arrays have no truth value for ==
@@ -88,8 +92,31 @@ def tokenize(tokenizer: Any, template: Template, record: Mapping[str, Any], *, s
   Raises:
     UserError: the completion renders empty, the tokenizer has no EOS, or (chat) no chat template.
   """
-  name = f"{source}/{template.name}" if source else template.name
-  fitted = fit(tokenizer, template, record, seq_len=seq_len, chat=chat, name=name, record_index=record_index)
+  return tokenize_all(tokenizer, [(template, record, record_index)], seq_len=seq_len, chat=chat, stats=stats,
+                      source=source)[0]
+
+
+def tokenize_all(tokenizer: Any, pairs: Sequence[tuple[Template, Mapping[str, Any], int]], *, seq_len: int,
+                 chat: bool, stats: TokenizeStats, source: str = "") -> list[Example | None]:
+  """`tokenize` of each (template, record, record index), in order; each template's records go through the
+  tokenizer in batches (`fit_all`)."""
+  out: list[Example | None] = [None] * len(pairs)
+  by_template: dict[int, list[int]] = {}
+  for i, (template, _, _) in enumerate(pairs):
+    by_template.setdefault(id(template), []).append(i)
+  for positions in by_template.values():
+    template = pairs[positions[0]][0]
+    name = f"{source}/{template.name}" if source else template.name
+    for start in range(0, len(positions), _BATCH):
+      chunk = positions[start:start + _BATCH]
+      fitted_all = fit_all(tokenizer, template, [pairs[i][1] for i in chunk], seq_len=seq_len, chat=chat,
+                           name=name, record_indices=[pairs[i][2] for i in chunk])
+      for i, fitted in zip(chunk, fitted_all):
+        out[i] = _example(fitted, name, pairs[i][2], stats)
+  return out
+
+
+def _example(fitted: Fitted | None, name: str, record_index: int, stats: TokenizeStats) -> Example | None:
   if fitted is None:
     stats.add(name, dropped=1)
     return None
@@ -128,20 +155,40 @@ def fit(tokenizer: Any, template: Template, record: Mapping[str, Any], *, seq_le
   Raises:
     UserError: the completion renders empty, or the tokenizer has no EOS / (chat) no chat template.
   """
-  prompt, completion = template.render(record)
-  if not completion.strip():
-    raise UserError(f"template {name or template.name} ({template.origin}) renders an empty completion for "
-                    f"record {record_index}; fix the record or the template's completion")
-  completion_ids = _encode(tokenizer, completion) + [_eos_id(tokenizer)]
-  prompt_ids = _prompt_ids(tokenizer, prompt, chat=chat)
-  budget = seq_len + 1 - len(completion_ids)  # tokens left for the prompt
-  truncated = len(prompt_ids) > budget
-  if truncated:
-    cut = _truncate(tokenizer, template, record, budget=budget, excess=len(prompt_ids) - budget, chat=chat)
-    if cut is None:
-      return None
-    prompt, prompt_ids = cut
-  return Fitted(prompt, completion, prompt_ids, completion_ids, truncated)
+  return fit_all(tokenizer, template, [record], seq_len=seq_len, chat=chat, name=name,
+                 record_indices=[record_index])[0]
+
+
+def fit_all(tokenizer: Any, template: Template, records: Sequence[Mapping[str, Any]], *, seq_len: int, chat: bool,
+            name: str = "", record_indices: Sequence[int] | None = None) -> list[Fitted | None]:
+  """`fit` of each record. Prompts and completions go through the tokenizer in one call each: a batch encodes
+  each text as if alone, and lets a fast tokenizer use several cores; only the prompts that must be cut take
+  the per-record path."""
+  indices = range(len(records)) if record_indices is None else record_indices
+  rendered = [template.render(record) for record in records]
+  for (_, completion), index in zip(rendered, indices):
+    if not completion.strip():
+      raise UserError(f"template {name or template.name} ({template.origin}) renders an empty completion for "
+                      f"record {index}; fix the record or the template's completion")
+  if not records:
+    return []
+  eos = _eos_id(tokenizer)
+  all_completion_ids = _encode_all(tokenizer, [completion for _, completion in rendered])
+  all_prompt_ids = _prompt_ids_all(tokenizer, [prompt for prompt, _ in rendered], chat=chat)
+  out: list[Fitted | None] = []
+  for record, (prompt, completion), prompt_ids, completion_ids in zip(records, rendered, all_prompt_ids,
+                                                                      all_completion_ids):
+    completion_ids = completion_ids + [eos]
+    budget = seq_len + 1 - len(completion_ids)  # tokens left for the prompt
+    truncated = len(prompt_ids) > budget
+    if truncated:
+      cut = _truncate(tokenizer, template, record, budget=budget, excess=len(prompt_ids) - budget, chat=chat)
+      if cut is None:
+        out.append(None)
+        continue
+      prompt, prompt_ids = cut
+    out.append(Fitted(prompt, completion, prompt_ids, completion_ids, truncated))
+  return out
 
 
 def tokenize_split(tokenizer: Any, templates: Mapping[str, Template], records: Sequence[Mapping[str, Any]],
@@ -151,18 +198,17 @@ def tokenize_split(tokenizer: Any, templates: Mapping[str, Template], records: S
   Record-major order keeps one record's examples together, so next-fit packing puts them in nearby rows
   and a split's examples interleave templates evenly.
   """
-  examples = []
-  for index, record in enumerate(records):
-    for name in sorted(templates):
-      example = tokenize(tokenizer, templates[name], record, seq_len=seq_len, chat=chat, stats=stats,
-                         source=source, record_index=index)
-      if example is not None:
-        examples.append(example)
-  return examples
+  pairs = [(templates[name], record, index) for index, record in enumerate(records) for name in sorted(templates)]
+  return [e for e in tokenize_all(tokenizer, pairs, seq_len=seq_len, chat=chat, stats=stats, source=source)
+          if e is not None]
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
   return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def _encode_all(tokenizer: Any, texts: Sequence[str], *, special: bool = False) -> list[list[int]]:
+  return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=special).input_ids]
 
 
 def _eos_id(tokenizer: Any) -> int:
@@ -173,15 +219,19 @@ def _eos_id(tokenizer: Any) -> int:
 
 
 def _prompt_ids(tokenizer: Any, prompt: str, *, chat: bool) -> list[int]:
+  return _prompt_ids_all(tokenizer, [prompt], chat=chat)[0]
+
+
+def _prompt_ids_all(tokenizer: Any, prompts: Sequence[str], *, chat: bool) -> list[list[int]]:
   """Default special tokens for plain prompts; none for chat, whose template writes them itself."""
   if not chat:
-    return list(tokenizer(prompt).input_ids)
+    return _encode_all(tokenizer, prompts, special=True)
   if not getattr(tokenizer, "chat_template", None):
     raise UserError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; set "
                     "data.chat=False or use a tokenizer with a chat_template")
-  text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                       add_generation_prompt=True)
-  return _encode(tokenizer, text)
+  return _encode_all(tokenizer, [tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                               tokenize=False, add_generation_prompt=True)
+                                 for prompt in prompts])
 
 
 def _truncate(tokenizer: Any, template: Template, record: Mapping[str, Any], *, budget: int, excess: int,
