@@ -58,9 +58,9 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 
 _INIT_TIMEOUT = flags.DEFINE_integer("initialization_timeout", 300, "Seconds to wait for all processes to join.")
 _HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout", 100, "Seconds of silence after which a process counts as "
                                   "dead and the job's other processes are ended.")
-_HANG = flags.DEFINE_integer("hang_timeout", 1800, "train: seconds without progress (a step, an evaluation batch, "
-                            "a checkpoint save) after which the run prints every thread's stack and exits 4, "
-                            "ending a multi-host job that would otherwise hang; 0 = never.")
+_HANG = flags.DEFINE_integer("hang_timeout", 1800, "train, eval: seconds without progress (a step, an evaluation "
+                            "or generation batch, a checkpoint save) after which the run prints every thread's "
+                            "stack and exits 4, ending a multi-host job that would otherwise hang; 0 = never.")
 
 COMMANDS = ("train", "eval", "render", "export", "generate")
 
@@ -97,8 +97,8 @@ def _run_command(command: str, train) -> int:
       train.train(_CONFIG.value, _WORKDIR.value, hang_timeout_s=_HANG.value)
     elif command == "eval":
       from ift_jax import task_eval
-      task_eval.evaluate_tasks(_WORKDIR.value, checkpoints=_CHECKPOINT.value, k_shot=_K_SHOT.value,
-                               splits=_SPLITS.value,
+      task_eval.evaluate_tasks(_WORKDIR.value, hang_timeout_s=_HANG.value, checkpoints=_CHECKPOINT.value,
+                               k_shot=_K_SHOT.value, splits=_SPLITS.value,
                                max_new_tokens=_MAX_NEW.value if _MAX_NEW.present else None)
       print(f"wrote {_WORKDIR.value}/eval/report.md, metrics.json, predictions.jsonl and charts")
     elif command == "export":

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -138,6 +138,7 @@ class Generator:
     self.max_new_tokens, self.sampling, self.compute_dtype = max_new_tokens, sampling, compute_dtype
     self.min_bucket = min_bucket
     self.traces = 0  # how many times the decoding function was traced (= compiled): one per bucket
+    self.on_batch: Callable[[], None] = lambda: None  # after each batch's results (eval's watchdog: progress)
     # Outputs are small (B×T ids, B×C scores) and replicated, so every process reads whole batches.
     replicated = NamedSharding(mesh, P())
     self._decode = jax.jit(self._decode_batch, out_shardings=replicated)
@@ -262,6 +263,7 @@ class Generator:
                                           self._rows(stop_Nx1, first, rows, -1), tables)
       ids.extend(_until_eos(row, self.eos_ids) for row in np.asarray(new_BxT.addressable_data(0))[:rows])
       scores.append(np.asarray(first_BxC.addressable_data(0))[:rows])
+      self.on_batch()
     return ids, np.concatenate(scores) if scores else candidates_NxC.astype(np.float32)
 
   def _rows(self, values_NxC: np.ndarray, first: int, rows: int, fill: int) -> jax.Array:
@@ -295,6 +297,7 @@ class Generator:
         logp_B = self._score_tokens(self.params, tokens_BxP, positions_BxP, self._place(targets_BxP),
                                     self._place(weights_BxP))
       out.append(np.asarray(logp_B.addressable_data(0))[:used])
+      self.on_batch()
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 

@@ -29,7 +29,7 @@ from typing import Any, Iterator, Sequence
 import jax
 import numpy as np
 
-from ift_jax import checkpoint, report, sharding, task_metrics, train
+from ift_jax import checkpoint, report, sharding, task_metrics, train, watchdog
 from ift_jax.data import loader, tokenize
 from ift_jax.data.templates import Template
 from ift_jax.errors import UserError
@@ -324,13 +324,19 @@ def settings(options: Options) -> list[Setting]:
   return out + [Setting(f"fine-tuned {which}", which, 0) for which in options.checkpoints]
 
 
-def evaluate_tasks(workdir: str | pathlib.Path, **overrides: Any) -> dict[str, Any]:
+def evaluate_tasks(workdir: str | pathlib.Path, *, hang_timeout_s: float = 0, **overrides: Any) -> dict[str, Any]:
   """Runs every setting on every requested split; writes DIR/eval/ (process 0); returns metrics.json's dict.
 
-  `overrides` replace fields of the run config's eval section (Options), e.g. checkpoints="latest,best".
+  `overrides` replace fields of the run config's eval section (Options), e.g. checkpoints="latest,best". With
+  `hang_timeout_s` > 0, an evaluation with no batch done for that long ends (see `watchdog`).
   """
+  with watchdog.Watchdog(hang_timeout_s) as dog:
+    return _evaluate_tasks(pathlib.Path(workdir), dog, **overrides)
+
+
+def _evaluate_tasks(workdir: pathlib.Path, dog: watchdog.Watchdog, **overrides: Any) -> dict[str, Any]:
   from ml_collections import config_dict
-  workdir = pathlib.Path(workdir)
+  dog.beat("preparing the evaluation")
   reader = checkpoint.Checkpointer.open_read_only(workdir)
   c = config_dict.ConfigDict(reader.restore_config(step=_first(overrides.get("checkpoints") or "latest")))
   options = options_from_config(c, **overrides)
@@ -351,9 +357,13 @@ def evaluate_tasks(workdir: str | pathlib.Path, **overrides: Any) -> dict[str, A
   steps: dict[str, int] = {}
   try:
     for model, model_settings in _by_model(settings(options)):
+      dog.beat(f"loading the {model} weights")
       params, steps[model] = _params(model, reader, pretrained, mesh)
       for split, (items, _) in splits.items():
         for setting in model_settings:
+          doing = f"evaluating {setting.name} on the {split} split"
+          dog.beat(doing)
+          scorer.short.on_batch = scorer.long.on_batch = lambda doing=doing: dog.beat(doing)
           t0 = time.perf_counter()
           prompts, shots = _prompts(items, few_shot, setting.shots)
           generated, ranked = scorer.run(params, items, prompts)

@@ -121,6 +121,20 @@ def test_a_second_batch_in_the_same_bucket_does_not_recompile(tmp_path):
   assert gen.traces == 2
 
 
+def test_each_batch_done_is_reported_for_the_watchdog(tmp_path):
+  """`ift-jax eval` counts each generation or scoring batch as progress: on_batch runs once a batch's results
+  are on the host."""
+  hf_models.build("llama", tmp_path)
+  mesh = sharding.make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
+  gen = _generator(tmp_path, mesh, eos_ids=(2,), batch_size=2, max_new_tokens=2, min_bucket=16)
+  done = []
+  gen.on_batch = lambda: done.append(gen.traces)
+  gen.generate_ids(PROMPTS[:3])  # batches of 2 and 1
+  assert done == [1, 1]
+  gen.continuation_logprobs(PROMPTS, [[5], [6, 7], [8], [9]])  # 4 rows: 2 batches
+  assert len(done) == 4
+
+
 def test_sampling_is_seeded_and_top_p_near_zero_is_greedy(tmp_path):
   hf_models.build("llama", tmp_path)
   mesh = sharding.make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
