@@ -186,6 +186,7 @@ class CompiledSteps:
   init: Callable  # params -> state
   train: Callable  # (state, batch) -> (state, metrics); state donated
   eval: Callable  # (params, batch) -> per-example sums
+  state_shardings: Any  # of the train state, as init returns it and train takes it
 
 
 def jit_steps(runner: ModelRunner, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
@@ -215,4 +216,5 @@ def jit_steps(runner: ModelRunner, optimizer: optax.GradientTransformation, sche
                     donate_argnums=0),
       eval=jax.jit(traced(make_eval_step(runner, num_slots)),
                    in_shardings=(param_shardings, eval_batch_sh), out_shardings=eval_out_sh),
+      state_shardings=state_sh,
   )

@@ -152,9 +152,8 @@ def _compile(c: Any, mesh: Any, cfg: Any, *, total_steps: int, num_slots: int):
   compiled = steps.jit_steps(runner, optimizer, schedule, mesh=mesh, abstract_params=abstract_params,
                              param_shardings=param_sh, num_slots=num_slots,
                              skip_nonfinite=c.train.skip_nonfinite)
-  state_sh = steps.state_shardings(optimizer, abstract_params, param_sh, mesh)
-  abstract_state = sharding.abstract_like(jax.eval_shape(compiled.init, abstract_params), state_sh)
-  return compiled, state_sh, abstract_state
+  abstract_state = sharding.abstract_like(jax.eval_shape(compiled.init, abstract_params), compiled.state_shardings)
+  return compiled, compiled.state_shardings, abstract_state
 
 
 def dry_run(c: Any) -> dict[str, Any]:
