@@ -313,10 +313,16 @@ def test_the_converted_tokenizer_is_cached_and_reads_back_the_same(smollm2, tmp_
   gguf_io.gguf_tokenizer(changed)
   assert conversions == [smollm2.name] * 2
 
+  (gguf_io._tokenizer_cache(smollm2) / "tokenizer.json").write_text("{ damaged")  # read fails: converted again and replaced, with a warning
+  assert gguf_io.gguf_tokenizer(smollm2)("Hello world").input_ids == [19556, 905]
+  assert conversions == [smollm2.name] * 3 and "is unreadable" in caplog.text
+  assert gguf_io.gguf_tokenizer(smollm2)("Hello world").input_ids == [19556, 905]
+  assert conversions == [smollm2.name] * 3
+
   (tmp_path / "not_a_folder").write_text("")
   monkeypatch.setenv("IFT_JAX_CACHE", str(tmp_path / "not_a_folder"))
   assert gguf_io.gguf_tokenizer(smollm2)("Hello world").input_ids == [19556, 905]
-  assert conversions == [smollm2.name] * 3 and "could not cache the tokenizer" in caplog.text
+  assert conversions == [smollm2.name] * 4 and "could not cache the tokenizer" in caplog.text
 
 
 @pytest.mark.slow
