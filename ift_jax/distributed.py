@@ -49,6 +49,11 @@ def initialize(*, coordinator_address: str | None, num_processes: int | None, pr
         timeout_s=timeout_s, what=f"coordinator {coordinator_address}", heartbeat_timeout_seconds=heartbeat_timeout_s)
 
 
+def this_process() -> str:
+  """"process I of N", for messages."""
+  return f"process {jax.process_index()} of {jax.process_count()}"
+
+
 def exit_now(code: int) -> None:
   """Ends this process at once, skipping the interpreter's shutdown, when one process of a job fails alone.
 

@@ -29,7 +29,7 @@ from typing import Any, Iterator, Sequence
 import jax
 import numpy as np
 
-from ift_jax import checkpoint, report, sharding, task_metrics, train, watchdog
+from ift_jax import checkpoint, distributed, report, sharding, task_metrics, train, watchdog
 from ift_jax.data import loader, tokenize
 from ift_jax.data.templates import Template
 from ift_jax.errors import UserError
@@ -330,7 +330,7 @@ def evaluate_tasks(workdir: str | pathlib.Path, *, hang_timeout_s: float = 0, **
   `overrides` replace fields of the run config's eval section (Options), e.g. checkpoints="latest,best". With
   `hang_timeout_s` > 0, an evaluation with no batch done for that long ends (see `watchdog`).
   """
-  with watchdog.Watchdog(hang_timeout_s) as dog:
+  with watchdog.Watchdog(hang_timeout_s, where=distributed.this_process()) as dog:
     return _evaluate_tasks(pathlib.Path(workdir), dog, **overrides)
 
 

@@ -280,7 +280,7 @@ def _check_finite(metrics: dict[str, Any], step: int, position: loader.Position,
 def train(c: Any, workdir: str | pathlib.Path, *, hang_timeout_s: float = 0) -> dict[str, float]:
   """Trains (or resumes) to the configured number of steps, then reports test metrics. With `hang_timeout_s` > 0,
   a run that makes no progress for that long (no step, evaluation batch or save) ends (see `watchdog`)."""
-  with watchdog.Watchdog(hang_timeout_s) as dog:
+  with watchdog.Watchdog(hang_timeout_s, where=distributed.this_process()) as dog:
     dog.beat("preparing the data")
     s = build_session(c, workdir)
     s.watchdog = dog

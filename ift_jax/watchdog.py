@@ -11,11 +11,14 @@ process (`distributed.exit_now`), which ends the job.
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 import time
 import traceback
 from typing import Callable
+
+from ift_jax import distributed
 
 EXIT_CODE = 4  # ift-jax's exit codes: 1 unexpected error, 2 bad input, 3 non-finite loss, 4 no progress
 
@@ -23,9 +26,12 @@ EXIT_CODE = 4  # ift-jax's exit codes: 1 unexpected error, 2 bad input, 3 non-fi
 class Watchdog:
   """`beat(doing)` after each unit of progress; `doing` names what is awaited next (the error quotes it)."""
 
-  def __init__(self, timeout_s: float, *, on_stall: Callable[[str, float], None] | None = None):
+  def __init__(self, timeout_s: float, *, where: str = "",
+               on_stall: Callable[[str, float], None] | None = None):
+    """`where` names this process in the error (given, not asked of JAX when firing: the stuck main thread
+    may hold JAX's locks)."""
     self.timeout_s = timeout_s
-    self._on_stall = on_stall or _report_and_exit
+    self._on_stall = on_stall or functools.partial(_report_and_exit, where=where)
     self._lock = threading.Lock()
     self._deadline = time.monotonic() + timeout_s
     self._doing = "starting"
@@ -62,17 +68,14 @@ class Watchdog:
         return
 
 
-def _report_and_exit(doing: str, timeout_s: float) -> None:
-  import jax
-
-  from ift_jax import distributed
+def _report_and_exit(doing: str, timeout_s: float, *, where: str) -> None:
   frames = sys._current_frames()
   for thread in threading.enumerate():
     if thread.ident in frames and thread is not threading.current_thread():
       print(f"--- stack of thread {thread.name}:\n" + "".join(traceback.format_stack(frames[thread.ident])),
             file=sys.stderr)
-  where = f"process {jax.process_index()} of {jax.process_count()}"
-  print(f"error: no progress for {timeout_s:g} s while {doing} ({where}); a process is stuck or the processes "
+  where = f" ({where})" if where else ""
+  print(f"error: no progress for {timeout_s:g} s while {doing}{where}; a process is stuck or the processes "
         "took different paths (stacks above); rerun the same command (training resumes from its last "
         "checkpoint), or raise --hang_timeout if this phase is legitimately that slow", file=sys.stderr)
   distributed.exit_now(EXIT_CODE)
