@@ -161,9 +161,9 @@ def fit(tokenizer: Any, template: Template, record: Mapping[str, Any], *, seq_le
 
 def fit_all(tokenizer: Any, template: Template, records: Sequence[Mapping[str, Any]], *, seq_len: int, chat: bool,
             name: str = "", record_indices: Sequence[int] | None = None) -> list[Fitted | None]:
-  """`fit` of each record. Prompts and completions go through the tokenizer in one call each: a batch encodes
-  each text as if alone, and lets a fast tokenizer use several cores; only the prompts that must be cut take
-  the per-record path."""
+  """`fit` of each record. Prompts and completions go through the tokenizer in one call each (a batch encodes
+  each text as if alone, and lets a fast tokenizer use several cores), and so do the prompts being cut at each
+  step of `_truncate_all`."""
   indices = range(len(records)) if record_indices is None else record_indices
   rendered = [template.render(record) for record in records]
   for (_, completion), index in zip(rendered, indices):
@@ -173,21 +173,20 @@ def fit_all(tokenizer: Any, template: Template, records: Sequence[Mapping[str, A
   if not records:
     return []
   eos = _eos_id(tokenizer)
-  all_completion_ids = _encode_all(tokenizer, [completion for _, completion in rendered])
+  all_completion_ids = [ids + [eos] for ids in _encode_all(tokenizer, [completion for _, completion in rendered])]
   all_prompt_ids = _prompt_ids_all(tokenizer, [prompt for prompt, _ in rendered], chat=chat)
+  budgets = [seq_len + 1 - len(ids) for ids in all_completion_ids]  # tokens left for each prompt
+  long = [i for i, (ids, budget) in enumerate(zip(all_prompt_ids, budgets)) if len(ids) > budget]
+  cuts = dict(zip(long, _truncate_all(tokenizer, template, [records[i] for i in long],
+                                      budgets=[budgets[i] for i in long],
+                                      excesses=[len(all_prompt_ids[i]) - budgets[i] for i in long], chat=chat)))
   out: list[Fitted | None] = []
-  for record, (prompt, completion), prompt_ids, completion_ids in zip(records, rendered, all_prompt_ids,
-                                                                      all_completion_ids):
-    completion_ids = completion_ids + [eos]
-    budget = seq_len + 1 - len(completion_ids)  # tokens left for the prompt
-    truncated = len(prompt_ids) > budget
-    if truncated:
-      cut = _truncate(tokenizer, template, record, budget=budget, excess=len(prompt_ids) - budget, chat=chat)
-      if cut is None:
-        out.append(None)
-        continue
-      prompt, prompt_ids = cut
-    out.append(Fitted(prompt, completion, prompt_ids, completion_ids, truncated))
+  for i, ((prompt, completion), prompt_ids) in enumerate(zip(rendered, all_prompt_ids)):
+    if i in cuts and cuts[i] is None:
+      out.append(None)
+      continue
+    prompt, prompt_ids = cuts.get(i, (prompt, prompt_ids))
+    out.append(Fitted(prompt, completion, prompt_ids, all_completion_ids[i], i in cuts))
   return out
 
 
@@ -203,11 +202,9 @@ def tokenize_split(tokenizer: Any, templates: Mapping[str, Template], records: S
           if e is not None]
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
-  return list(tokenizer(text, add_special_tokens=False).input_ids)
-
-
 def _encode_all(tokenizer: Any, texts: Sequence[str], *, special: bool = False) -> list[list[int]]:
+  if not texts:  # transformers refuses an empty batch
+    return []
   return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=special).input_ids]
 
 
@@ -216,10 +213,6 @@ def _eos_id(tokenizer: Any) -> int:
     raise UserError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no eos_token; set eos_token "
                     "in its tokenizer_config.json")
   return int(tokenizer.eos_token_id)
-
-
-def _prompt_ids(tokenizer: Any, prompt: str, *, chat: bool) -> list[int]:
-  return _prompt_ids_all(tokenizer, [prompt], chat=chat)[0]
 
 
 def _prompt_ids_all(tokenizer: Any, prompts: Sequence[str], *, chat: bool) -> list[list[int]]:
@@ -234,38 +227,51 @@ def _prompt_ids_all(tokenizer: Any, prompts: Sequence[str], *, chat: bool) -> li
                                  for prompt in prompts])
 
 
-def _truncate(tokenizer: Any, template: Template, record: Mapping[str, Any], *, budget: int, excess: int,
-              chat: bool) -> tuple[str, list[int]] | None:
-  """Cuts the prompt's longest string field (by tokens, keeping the head) until the prompt fits `budget`.
+def _truncate_all(tokenizer: Any, template: Template, records: Sequence[Mapping[str, Any]], *,
+                  budgets: Sequence[int], excesses: Sequence[int], chat: bool) -> list[tuple[str, list[int]] | None]:
+  """For each record, cuts the prompt's longest string field (by tokens, keeping the head) until the prompt
+  fits its budget (`excesses`: tokens over it).
 
   Re-renders and re-tokenizes after each cut, because tokens can merge across the cut and the prompt's
   own text can tokenize differently in context. Returns (prompt, prompt_ids), or None if the field would
-  have to vanish: a review cut to nothing teaches nothing.
+  have to vanish: a review cut to nothing teaches nothing. Records are tokenized together at each step.
   """
-  candidates = sorted(f for f in template.prompt_fields if isinstance(record.get(f), str))
-  if not candidates or budget <= 0:
-    return None
-  # The longest field by tokens (ties: first by name), with its text heads.
-  field, (n_tokens, head) = max(((f, _heads(tokenizer, record[f])) for f in candidates),
-                                key=lambda item: item[1][0])
-  keep = n_tokens
-  while True:
-    keep -= excess
-    if keep <= 0:
-      return None
-    prompt, _ = template.render(record, overrides={field: head(keep)})
-    prompt_ids = _prompt_ids(tokenizer, prompt, chat=chat)
-    excess = len(prompt_ids) - budget
-    if excess <= 0:
-      return prompt, prompt_ids
+  out: list[tuple[str, list[int]] | None] = [None] * len(records)
+  fields = [sorted(f for f in template.prompt_fields if isinstance(r.get(f), str)) if b > 0 else []
+            for r, b in zip(records, budgets)]
+  heads = iter(_heads_all(tokenizer, [records[i][f] for i, names in enumerate(fields) for f in names]))
+  cutting = {}  # record -> [field, its heads, tokens kept, excess]
+  for i, names in enumerate(fields):
+    if names:  # the longest field by tokens (ties: first by name), with its text heads
+      field, (n_tokens, head) = max(((f, next(heads)) for f in names), key=lambda item: item[1][0])
+      cutting[i] = [field, head, n_tokens, excesses[i]]
+  while cutting:
+    for i, state in list(cutting.items()):
+      state[2] -= state[3]  # keep fewer tokens by the excess
+      if state[2] <= 0:
+        del cutting[i]
+    order = list(cutting)
+    prompts = [template.render(records[i], overrides={cutting[i][0]: cutting[i][1](cutting[i][2])})[0]
+               for i in order]
+    for i, prompt, prompt_ids in zip(order, prompts, _prompt_ids_all(tokenizer, prompts, chat=chat)):
+      cutting[i][3] = len(prompt_ids) - budgets[i]
+      if cutting[i][3] <= 0:
+        out[i] = (prompt, prompt_ids)
+        del cutting[i]
+  return out
 
 
-def _heads(tokenizer: Any, text: str) -> tuple[int, Callable[[int], str]]:
-  """(number of tokens of text, k -> the text of its first k tokens)."""
+def _heads_all(tokenizer: Any, texts: Sequence[str]) -> list[tuple[int, Callable[[int], str]]]:
+  """For each text: (number of tokens, k -> the text of its first k tokens)."""
+  if not texts:
+    return []
   if getattr(tokenizer, "is_fast", False):
     # Fast tokenizers give character offsets: cut the original text exactly, no decode round trip.
-    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True).offset_mapping
-    ends = np.maximum.accumulate([0] + [end for _, end in offsets])  # monotone despite odd offsets
-    return len(offsets), lambda k: text[:int(ends[k])]
-  ids = _encode(tokenizer, text)
-  return len(ids), lambda k: tokenizer.decode(ids[:k], skip_special_tokens=True)
+    out = []
+    for text, offsets in zip(texts, tokenizer(list(texts), add_special_tokens=False,
+                                              return_offsets_mapping=True).offset_mapping):
+      ends = np.maximum.accumulate([0] + [end for _, end in offsets])  # monotone despite odd offsets
+      out.append((len(offsets), lambda k, text=text, ends=ends: text[:int(ends[k])]))
+    return out
+  return [(len(ids), lambda k, ids=ids: tokenizer.decode(ids[:k], skip_special_tokens=True))
+          for ids in _encode_all(tokenizer, texts)]
