@@ -227,6 +227,15 @@ def _prompt_ids_all(tokenizer: Any, prompts: Sequence[str], *, chat: bool) -> li
                                  for prompt in prompts])
 
 
+@dataclasses.dataclass
+class _Cut:
+  """One prompt being cut: the field, its text heads, how many of its tokens are kept, tokens still over."""
+  field: str
+  head: Callable[[int], str]
+  keep: int
+  excess: int
+
+
 def _truncate_all(tokenizer: Any, template: Template, records: Sequence[Mapping[str, Any]], *,
                   budgets: Sequence[int], excesses: Sequence[int], chat: bool) -> list[tuple[str, list[int]] | None]:
   """For each record, cuts the prompt's longest string field (by tokens, keeping the head) until the prompt
@@ -240,24 +249,24 @@ def _truncate_all(tokenizer: Any, template: Template, records: Sequence[Mapping[
   fields = [sorted(f for f in template.prompt_fields if isinstance(r.get(f), str)) if b > 0 else []
             for r, b in zip(records, budgets)]
   heads = iter(_heads_all(tokenizer, [records[i][f] for i, names in enumerate(fields) for f in names]))
-  cutting = {}  # record -> [field, its heads, tokens kept, excess]
+  cuts: dict[int, _Cut] = {}
   for i, names in enumerate(fields):
     if names:  # the longest field by tokens (ties: first by name), with its text heads
       field, (n_tokens, head) = max(((f, next(heads)) for f in names), key=lambda item: item[1][0])
-      cutting[i] = [field, head, n_tokens, excesses[i]]
-  while cutting:
-    for i, state in list(cutting.items()):
-      state[2] -= state[3]  # keep fewer tokens by the excess
-      if state[2] <= 0:
-        del cutting[i]
-    order = list(cutting)
-    prompts = [template.render(records[i], overrides={cutting[i][0]: cutting[i][1](cutting[i][2])})[0]
+      cuts[i] = _Cut(field, head, n_tokens, excesses[i])
+  while cuts:
+    for i, cut in list(cuts.items()):
+      cut.keep -= cut.excess
+      if cut.keep <= 0:
+        del cuts[i]
+    order = list(cuts)
+    prompts = [template.render(records[i], overrides={cuts[i].field: cuts[i].head(cuts[i].keep)})[0]
                for i in order]
     for i, prompt, prompt_ids in zip(order, prompts, _prompt_ids_all(tokenizer, prompts, chat=chat)):
-      cutting[i][3] = len(prompt_ids) - budgets[i]
-      if cutting[i][3] <= 0:
+      cuts[i].excess = len(prompt_ids) - budgets[i]
+      if cuts[i].excess <= 0:
         out[i] = (prompt, prompt_ids)
-        del cutting[i]
+        del cuts[i]
   return out
 
 
