@@ -45,7 +45,6 @@ class Session:
   train_loader: loader.TrainLoader
   total_steps: int
   compiled: steps.CompiledSteps
-  state_shardings: Any
   abstract_state: Any
   checkpointer: checkpoint.Checkpointer
   pretrained: load.Pretrained
@@ -130,14 +129,13 @@ def build_session(c: Any, workdir: str | pathlib.Path) -> Session:
   total = c.train.steps if c.train.steps > 0 else train_loader.steps_for_epochs(c.train.epochs)
   slots = 1 + loader.max_segments(prepared, splits=("validation", "test"), seq_len=c.data.seq_len,
                                   packed=c.data.packing)
-  compiled, state_sh, abstract_state = _compile(c, mesh, pretrained.cfg, total_steps=total,
-                                                num_slots=-(-slots // 8) * 8)
-  return Session(c, pathlib.Path(workdir), mesh, tokenizer, prepared, train_loader, total, compiled, state_sh,
+  compiled, abstract_state = _compile(c, mesh, pretrained.cfg, total_steps=total, num_slots=-(-slots // 8) * 8)
+  return Session(c, pathlib.Path(workdir), mesh, tokenizer, prepared, train_loader, total, compiled,
                  abstract_state, checkpoint.Checkpointer(workdir, keep=c.checkpoint.keep), pretrained)
 
 
 def _compile(c: Any, mesh: Any, cfg: Any, *, total_steps: int, num_slots: int):
-  """The jitted steps, the state's shardings and its abstract (shape + sharding) tree."""
+  """The jitted steps and the train state's abstract (shape + sharding) tree."""
   graphdef, abstract_params, _ = load.abstract_model(cfg)
   param_sh = load.param_shardings(mesh, cfg)
   o = c.optim
@@ -153,7 +151,7 @@ def _compile(c: Any, mesh: Any, cfg: Any, *, total_steps: int, num_slots: int):
                              param_shardings=param_sh, num_slots=num_slots,
                              skip_nonfinite=c.train.skip_nonfinite)
   abstract_state = sharding.abstract_like(jax.eval_shape(compiled.init, abstract_params), compiled.state_shardings)
-  return compiled, compiled.state_shardings, abstract_state
+  return compiled, abstract_state
 
 
 def dry_run(c: Any) -> dict[str, Any]:
@@ -163,7 +161,7 @@ def dry_run(c: Any) -> dict[str, Any]:
   mesh = sharding.make_mesh(data=c.mesh.data, fsdp=c.mesh.fsdp, tensor=c.mesh.tensor)
   _check_batch(c, mesh)
   cfg = load.open_pretrained(c.model.path).cfg
-  compiled, _, abstract_state = _compile(c, mesh, cfg, total_steps=max(c.train.steps, 1), num_slots=8)
+  compiled, abstract_state = _compile(c, mesh, cfg, total_steps=max(c.train.steps, 1), num_slots=8)
   need = lambda rows: _step_bytes(compiled, abstract_state, mesh, rows, c)
   limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")  # None on CPU
   report = {"batch_size": c.train.batch_size, "seq_len": c.data.seq_len,
