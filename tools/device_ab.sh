@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# A/B of whole versions of the package on one shape, and the PyTorch peer, in ONE device call.
+#
+# Prepare here (the device machine has no git history; .ab/ is what travels, named in the call's `carry`):
+#   tools/device_ab.sh prepare base HEAD            # .ab/base/ift_jax = the package at a git revision
+#   tools/device_ab.sh prepare cand                 # .ab/cand/ift_jax = the working tree's package
+#   (.gitignore keeps .ab/ out of commits)
+# Run there (or here with a tiny SHAPE and FLAGS for a smoke run):
+#   ORDER="base cand PEER base cand" tools/device_ab.sh
+# Each name in ORDER runs tools/bench.py against .ab/<name>/ift_jax; PEER runs the peer script (copied to
+# .ab/peer by `prepare`) with PEER_FLAGS. Alternate the versions and repeat each: the spread between repeats of
+# one version is the noise to beat. JSON lines go to $OUT/ab.jsonl (or /tmp); a table of step times, tokens/s,
+# ratio to the first peer line, peak memory and final loss (a check that the versions compute the same) is last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if [ "${1:-}" = prepare ]; then
+  name=${2:?usage: tools/device_ab.sh prepare NAME [REV]}
+  rm -rf ".ab/$name" && mkdir -p ".ab/$name" ".ab/peer"
+  if [ -n "${3:-}" ]; then git archive "$3" ift_jax | tar -x -C ".ab/$name"; else cp -r ift_jax ".ab/$name/"; fi
+  find ".ab/$name" -name __pycache__ -prune -exec rm -rf {} +
+  cp "${PEER:-../shared/peer/torch_hf_sft.py}" .ab/peer/torch_hf_sft.py
+  echo ".ab/$name/ift_jax ready"
+  exit 0
+fi
+STEPS=${STEPS:-16}
+SHAPE=${SHAPE:-"--model llama-1b --batch 8 --seq 2048"}
+FLAGS=${FLAGS:-"--dtype bfloat16 --attention cudnn --loss-chunk 256"}
+ORDER=${ORDER:?set ORDER, e.g. ORDER=\"base cand PEER base cand\"}
+PEER_FLAGS=${PEER_FLAGS-"--compile"}
+out=${OUT:-/tmp}/ab.jsonl
+: >"$out"
+say() { echo "[${SECONDS}s] $*" >&2; }
+tag() {  # adds {"variant": name} to the JSON line; everything else goes to stderr
+  python3 -c "import json, sys
+for l in sys.stdin:
+  if l.startswith('{'): print(json.dumps({**json.loads(l), 'variant': sys.argv[1]}), flush=True)
+  else: print(l, end='', file=sys.stderr)" "$1"
+}
+for v in $ORDER; do
+  say "$v"
+  if [ "$v" = PEER ]; then
+    # shellcheck disable=SC2086
+    timeout 300 python3 .ab/peer/torch_hf_sft.py $SHAPE --steps "$STEPS" $PEER_FLAGS 2>&1 | tag peer | tee -a "$out"
+  else
+    [ -d ".ab/$v/ift_jax" ] || { echo "no .ab/$v/ift_jax: run tools/device_ab.sh prepare $v [REV] first"; continue; }
+    # shellcheck disable=SC2086
+    PYTHONPATH=".ab/$v" timeout 150 python3 tools/bench.py $SHAPE --steps "$STEPS" --warmup 2 $FLAGS 2>&1 \
+      | tag "$v" | tee -a "$out"
+  fi
+done
+say table
+python3 - "$out" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+peer = next((r["tokens_per_s"] for r in rows if r["variant"] == "peer"), None)
+for r in rows:
+  ratio = f"{r['tokens_per_s'] / peer:.3f}" if peer else "-"
+  print(f"{r['variant']:>12}  step {r['step_s']:.4f} s  {r['tokens_per_s']:>9} tokens/s  x peer {ratio}  "
+        f"peak {r.get('peak_mem_gib')} GiB  loss {r.get('loss')}")
+PY
