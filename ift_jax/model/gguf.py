@@ -68,6 +68,7 @@ _GEMMA3_LAYER_NAMES = {
 }
 _LAYER_NAMES = {"llama": _LLAMA_LAYER_NAMES, "gemma3": _GEMMA3_LAYER_NAMES}
 _GEMMA3_SLIDING_PATTERN, _GEMMA3_LOCAL_ROPE_THETA = 6, 10000.0
+_GEMMA3_27B_LAYERS = 62  # llama.cpp recognizes Gemma 3 27B by its layer count (LLM_TYPE_27B)
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 _GLOBAL_RE = re.compile(r"^([a-z_]+)\.(weight|bias)$")
@@ -162,9 +163,12 @@ def _gemma3_config(reader, path, llama: dict[str, Any]) -> dict[str, Any]:
   window = _int_field(reader, path, "gemma3.attention.sliding_window")
   n = config["num_hidden_layers"]
   full = {"rope_type": "default", "rope_theta": llama["rope_theta"], **(llama["rope_scaling"] or {})}
+  # GGUF stores no attention scale; llama.cpp hard-codes it by model size: 1/√(hidden / heads) for the 27B (its
+  # Hugging Face config: query_pre_attn_scalar 168 = 5376 / 32 with heads of 128), 1/√(head dim) for the others.
+  scalar = config["hidden_size"] / config["num_attention_heads"] if n == _GEMMA3_27B_LAYERS else config["head_dim"]
   config.update(
       model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], hidden_activation="gelu_pytorch_tanh",
-      sliding_window=window, query_pre_attn_scalar=config["head_dim"],
+      sliding_window=window, query_pre_attn_scalar=scalar,
       layer_types=["sliding_attention" if (i + 1) % _GEMMA3_SLIDING_PATTERN else "full_attention"
                    for i in range(n)],
       rope_parameters={"full_attention": full,
