@@ -6,7 +6,9 @@
 Takes tools/bench.py's flags (same model shapes, same step), compiles and warms the step outside the trace, then
 traces --steps steps and prints, per traced process (on a GPU: the device's kernels; on CPU: the host threads),
 the operations with the most time per step, their count per step, and the process's total per step. With --out
-DIR the Perfetto trace (perfetto_trace.json.gz, for ui.perfetto.dev) is kept there. A tool for finding what to
+DIR the Perfetto trace (perfetto_trace.json.gz, for ui.perfetto.dev) is kept there; with --hlo FILE.gz the
+compiled step's optimized HLO, whose fusion names are the device operations' names: what each fusion computes can
+then be read on a machine without the accelerator. A tool for finding what to
 speed up next, not a benchmark: tracing adds its own overhead; tools/bench.py times the step.
 """
 
@@ -53,9 +55,13 @@ def main() -> None:
   ap = bench.parser()
   ap.add_argument("--top", type=int, default=30)
   ap.add_argument("--out", default="", help="keep the Perfetto trace in this folder")
+  ap.add_argument("--hlo", default="", help="write the compiled step's optimized HLO text here (gzipped)")
   args = ap.parse_args()
   setup = bench.build(args)
   state, batch = setup.state, setup.batches[0]
+  if args.hlo:  # the executable the steps below run (same arguments: jit's cache hands back this compilation)
+    with gzip.open(args.hlo, "wt") as f:
+      f.write(setup.compiled.train.lower(state, batch).compile().as_text())
   for _ in range(1 + args.warmup):  # compile and warm outside the trace
     state, metrics = setup.compiled.train(state, batch)
   jax.block_until_ready(metrics)
