@@ -182,6 +182,24 @@ def test_unknown_tensor_is_refused(tmp_path):
     gguf_io.GGUFTensors(_write_tiny(tmp_path / "n.gguf", _tiny_hf_tensors(), extra_tensors=extra))
 
 
+def test_the_reader_over_a_plain_array_reads_what_gguf_reads(tmp_path):
+  """`_open`'s reader (a plain ndarray view of the memory map, for speed) sees every field and tensor byte for
+  byte as gguf's own GGUFReader does, a quantized tensor included."""
+  path = _write_tiny(tmp_path / "tiny.gguf", _tiny_hf_tensors(), quantize=("model.layers.0.mlp.up_proj.weight",),
+                     metadata={"general.name": "tiny"})
+  ours, theirs = gguf_io._open(path), gguf.GGUFReader(path)
+  assert not isinstance(ours.data, np.memmap) and isinstance(theirs.data, np.memmap)
+  assert list(ours.fields) == list(theirs.fields)
+  for key, field in theirs.fields.items():
+    assert ours.fields[key].contents() == field.contents(), key
+  assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+  for mine, reference in zip(ours.tensors, theirs.tensors):
+    assert (mine.tensor_type, list(mine.shape)) == (reference.tensor_type, list(reference.shape))
+    np.testing.assert_array_equal(mine.data, reference.data)
+    np.testing.assert_array_equal(gguf.quants.dequantize(mine.data, mine.tensor_type),
+                                  gguf.quants.dequantize(reference.data, reference.tensor_type))
+
+
 def test_unknown_name_is_key_error(tiny):
   tensors = gguf_io.GGUFTensors(tiny[0])
   with pytest.raises(KeyError):

@@ -18,6 +18,7 @@ GGUF conventions this module undoes:
 from __future__ import annotations
 
 import collections.abc
+import functools
 import hashlib
 import logging
 import os
@@ -88,9 +89,29 @@ def _open(path: os.PathLike[str] | str):
   if not os.path.isfile(path):
     raise UserError(f"{path}: GGUF file not found; check the model path")
   try:
-    return gguf.GGUFReader(path)
+    return _plain_array_reader(gguf)(path)
   except (ValueError, OSError) as e:
     raise UserError(f"{path}: not a readable GGUF file ({e}); re-download it") from None
+
+
+@functools.cache
+def _plain_array_reader(gguf) -> type:
+  """gguf's GGUFReader over a plain ndarray view of its read-only memory map: the same lazily paged bytes.
+
+  The reader parses the metadata value by value, each a slice of the map, and slicing an np.memmap runs Python
+  code for every slice it makes (~6 million for Gemma 3's 262,144-token vocabulary); the dequantizers slice the
+  tensors row group by row group the same way. Slices of a plain ndarray view skip that.
+  """
+  class PlainArrayReader(gguf.GGUFReader):
+    @property
+    def data(self) -> np.ndarray:
+      return self._plain_data
+
+    @data.setter
+    def data(self, value: np.ndarray) -> None:
+      self._plain_data = value.view(np.ndarray)
+
+  return PlainArrayReader
 
 
 def _field(reader, key: str, default: Any = None) -> Any:
