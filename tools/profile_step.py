@@ -7,9 +7,10 @@ Takes tools/bench.py's flags (same model shapes, same step), compiles and warms 
 traces --steps steps and prints, per traced process (on a GPU: the device's kernels; on CPU: the host threads),
 the operations with the most time per step, their count per step, and the process's total per step. With --out
 DIR the Perfetto trace (perfetto_trace.json.gz, for ui.perfetto.dev) is kept there; with --hlo FILE.gz the
-compiled step's optimized HLO, whose fusion names are the device operations' names: what each fusion computes can
-then be read on a machine without the accelerator. A tool for finding what to
-speed up next, not a benchmark: tracing adds its own overhead; tools/bench.py times the step.
+compiled step's optimized HLO, where the profile's kernel `loop_add_fusion_17` is the fusion `%loop_add_fusion.17`
+(and every fusion sharing its `deduplicated_name` runs that kernel too): what each kernel computes can then be
+read on a machine without the accelerator. A tool for finding what to speed up next, not a benchmark: tracing
+adds its own overhead; tools/bench.py times the step.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def main() -> None:
   args = ap.parse_args()
   setup = bench.build(args)
   state, batch = setup.state, setup.batches[0]
-  if args.hlo:  # the executable the steps below run (same arguments: jit's cache hands back this compilation)
+  if args.hlo:  # compiled once more ahead of time: the same program (and kernel names) the steps below run
     with gzip.open(args.hlo, "wt") as f:
       f.write(setup.compiled.train.lower(state, batch).compile().as_text())
   for _ in range(1 + args.warmup):  # compile and warm outside the trace

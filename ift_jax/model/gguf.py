@@ -186,7 +186,7 @@ def _gemma3_config(reader, path, llama: dict[str, Any]) -> dict[str, Any]:
   full = {"rope_type": "default", "rope_theta": llama["rope_theta"], **(llama["rope_scaling"] or {})}
   # GGUF stores no attention scale; llama.cpp hard-codes it by model size: 1/√(hidden / heads) for the 27B (its
   # Hugging Face config: query_pre_attn_scalar 168 = 5376 / 32 with heads of 128), 1/√(head dim) for the others.
-  scalar = config["hidden_size"] / config["num_attention_heads"] if n == _GEMMA3_27B_LAYERS else config["head_dim"]
+  scalar = config["hidden_size"] // config["num_attention_heads"] if n == _GEMMA3_27B_LAYERS else config["head_dim"]
   config.update(
       model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], hidden_activation="gelu_pytorch_tanh",
       sliding_window=window, query_pre_attn_scalar=scalar,
