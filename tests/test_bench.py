@@ -1,6 +1,8 @@
 """tools/bench.py runs the real train step; with real SFT lengths, packing beats padding to the longest."""
 
+import gzip
 import json
+import shutil
 import subprocess
 import sys
 
@@ -20,11 +22,32 @@ def test_bench_realistic_lengths_reports_useful_tokens():
   assert line["packing_efficiency"] > 0.7 > 0.5 > line["peer_padding_efficiency"], line
 
 
-def test_profile_step_sums_the_traced_operations():
+def test_profile_step_sums_the_traced_operations(tmp_path):
   out = subprocess.run(
       [sys.executable, "tools/profile_step.py", "--model", "tiny", "--batch", "8", "--seq", "64", "--steps", "2",
-       "--warmup", "0", "--dtype", "float32", "--top", "5"],
+       "--warmup", "0", "--dtype", "float32", "--top", "5", "--hlo", str(tmp_path / "step.hlo.gz")],
       cwd=ROOT, env={**ENV, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300, check=True)
   lines = out.stdout.strip().splitlines()
   assert lines[0].startswith("== ") and "ms of events per step" in lines[0], out.stdout
   assert sum("ms/step" in line for line in lines) >= 5, out.stdout
+  hlo = gzip.open(tmp_path / "step.hlo.gz", "rt").read()
+  assert hlo.startswith("HloModule") and "ENTRY" in hlo and "fusion" in hlo
+
+
+def test_device_ab_times_a_prepared_version_of_the_package():
+  """tools/device_ab.sh: `prepare` copies the package into .ab/NAME; a run benches it and prints the table."""
+  name = "_pytest"
+  try:
+    subprocess.run(["tools/device_ab.sh", "prepare", name], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                   check=True)
+    assert (ROOT / ".ab" / name / "ift_jax" / "steps.py").is_file()
+    out = subprocess.run(
+        ["tools/device_ab.sh"], cwd=ROOT, capture_output=True, text=True, timeout=300, check=True,
+        env={**ENV, "ORDER": name, "STEPS": "1", "SHAPE": "--model tiny --batch 8 --seq 32",
+             "FLAGS": "--dtype float32 --attention einsum", "OUT": str(ROOT / ".ab" / name)})
+    table = out.stdout.strip().splitlines()[-1].split()
+    assert table[0] == name and table[1] == "step" and float(table[2]) > 0, out.stdout
+    row = json.loads((ROOT / ".ab" / name / "ab.jsonl").read_text().splitlines()[0])
+    assert row["variant"] == name and row["impl"] == "ift-jax"
+  finally:
+    shutil.rmtree(ROOT / ".ab" / name, ignore_errors=True)

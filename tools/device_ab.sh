@@ -18,7 +18,8 @@ if [ "${1:-}" = prepare ]; then
   rm -rf ".ab/$name" && mkdir -p ".ab/$name" ".ab/peer"
   if [ -n "${3:-}" ]; then git archive "$3" ift_jax | tar -x -C ".ab/$name"; else cp -r ift_jax ".ab/$name/"; fi
   find ".ab/$name" -name __pycache__ -prune -exec rm -rf {} +
-  cp "${PEER:-../shared/peer/torch_hf_sft.py}" .ab/peer/torch_hf_sft.py
+  peer=${PEER:-../shared/peer/torch_hf_sft.py}
+  if [ -f "$peer" ]; then cp "$peer" .ab/peer/torch_hf_sft.py; else echo "no peer script at $peer: PEER runs fail"; fi
   echo ".ab/$name/ift_jax ready"
   exit 0
 fi
@@ -29,6 +30,7 @@ ORDER=${ORDER:?set ORDER, e.g. ORDER=\"base cand PEER base cand\"}
 PEER_FLAGS=${PEER_FLAGS-"--compile"}
 out=${OUT:-/tmp}/ab.jsonl
 : >"$out"
+failed=()  # runs that printed no result; the table leaves them out and the script exits 1
 say() { echo "[${SECONDS}s] $*" >&2; }
 tag() {  # adds {"variant": name} to the JSON line; everything else goes to stderr
   python3 -c "import json, sys
@@ -40,12 +42,15 @@ for v in $ORDER; do
   say "$v"
   if [ "$v" = PEER ]; then
     # shellcheck disable=SC2086
-    timeout 300 python3 .ab/peer/torch_hf_sft.py $SHAPE --steps "$STEPS" $PEER_FLAGS 2>&1 | tag peer | tee -a "$out"
+    timeout 300 python3 .ab/peer/torch_hf_sft.py $SHAPE --steps "$STEPS" $PEER_FLAGS 2>&1 | tag peer | tee -a "$out" \
+      || failed+=(PEER)
   else
-    [ -d ".ab/$v/ift_jax" ] || { echo "no .ab/$v/ift_jax: run tools/device_ab.sh prepare $v [REV] first"; continue; }
+    if [ ! -d ".ab/$v/ift_jax" ]; then
+      echo "no .ab/$v/ift_jax: run tools/device_ab.sh prepare $v [REV] first" >&2; failed+=("$v"); continue
+    fi
     # shellcheck disable=SC2086
     PYTHONPATH=".ab/$v" timeout 150 python3 tools/bench.py $SHAPE --steps "$STEPS" --warmup 2 $FLAGS 2>&1 \
-      | tag "$v" | tee -a "$out"
+      | tag "$v" | tee -a "$out" || failed+=("$v")
   fi
 done
 say table
@@ -58,3 +63,4 @@ for r in rows:
   print(f"{r['variant']:>12}  step {r['step_s']:.4f} s  {r['tokens_per_s']:>9} tokens/s  x peer {ratio}  "
         f"peak {r.get('peak_mem_gib')} GiB  loss {r.get('loss')}")
 PY
+if [ ${#failed[@]} -gt 0 ]; then echo "failed: ${failed[*]} (their errors are above)"; exit 1; fi
