@@ -41,13 +41,20 @@ def test_device_ab_times_a_prepared_version_of_the_package():
     subprocess.run(["tools/device_ab.sh", "prepare", name], cwd=ROOT, capture_output=True, text=True, timeout=60,
                    check=True)
     assert (ROOT / ".ab" / name / "ift_jax" / "steps.py").is_file()
+    # A flags variant: the same package under other XLA flags (here one the CPU backend parses and ignores).
+    subprocess.run(["tools/device_ab.sh", "flags", name + "_flags", name, "--xla_gpu_enable_cublaslt=true"],
+                   cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
     out = subprocess.run(
         ["tools/device_ab.sh"], cwd=ROOT, capture_output=True, text=True, timeout=300, check=True,
-        env={**ENV, "ORDER": name, "STEPS": "1", "SHAPE": "--model tiny --batch 8 --seq 32",
+        env={**ENV, "ORDER": f"{name} {name}_flags", "STEPS": "1", "SHAPE": "--model tiny --batch 8 --seq 32",
              "FLAGS": "--dtype float32 --attention einsum", "OUT": str(ROOT / ".ab" / name)})
-    table = out.stdout.strip().splitlines()[-1].split()
-    assert table[0] == name and table[1] == "step" and float(table[2]) > 0, out.stdout
-    row = json.loads((ROOT / ".ab" / name / "ab.jsonl").read_text().splitlines()[0])
-    assert row["variant"] == name and row["impl"] == "ift-jax"
+    table = [line.split() for line in out.stdout.strip().splitlines()[-2:]]
+    assert [t[0] for t in table] == [name, name + "_flags"], out.stdout
+    assert all(t[1] == "step" and float(t[2]) > 0 for t in table), out.stdout
+    rows = [json.loads(line) for line in (ROOT / ".ab" / name / "ab.jsonl").read_text().splitlines()]
+    assert [r["variant"] for r in rows] == [name, name + "_flags"] and rows[0]["impl"] == "ift-jax"
+    assert "xla_gpu_enable_cublaslt=true" in rows[1]["xla_flags"], rows[1]
+    assert "cublaslt" not in rows[0]["xla_flags"], rows[0]
   finally:
     shutil.rmtree(ROOT / ".ab" / name, ignore_errors=True)
+    shutil.rmtree(ROOT / ".ab" / (name + "_flags"), ignore_errors=True)

@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> dict:
               peak_mem_gib=round(stats["peak_bytes_in_use"] / 2**30, 2) if "peak_bytes_in_use" in stats else None,
               compile_s=round(compile_s, 2), loss=round(float(metrics["loss"]), 4),
               jax=jax.__version__, device=jax.devices()[0].device_kind, devices=jax.device_count(),
-              glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
+              glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""), xla_flags=os.environ.get("XLA_FLAGS", "").strip())
 
 
 def parser() -> argparse.ArgumentParser:

@@ -4,6 +4,8 @@
 # Prepare here (the device machine has no git history; .ab/ is what travels, named in the call's `carry`):
 #   tools/device_ab.sh prepare base HEAD            # .ab/base/ift_jax = the package at a git revision
 #   tools/device_ab.sh prepare cand                 # .ab/cand/ift_jax = the working tree's package
+#   tools/device_ab.sh flags lt base "--xla_gpu_enable_cublaslt=true"
+#                                                   # .ab/lt = .ab/base's package run under these XLA_FLAGS
 #   (.gitignore keeps .ab/ out of commits)
 # Run there (or here with a tiny SHAPE and FLAGS for a smoke run):
 #   ORDER="base cand PEER base cand" tools/device_ab.sh
@@ -21,6 +23,13 @@ if [ "${1:-}" = prepare ]; then
   peer=${PEER:-../shared/peer/torch_hf_sft.py}
   if [ -f "$peer" ]; then cp "$peer" .ab/peer/torch_hf_sft.py; else echo "no peer script at $peer: PEER runs fail"; fi
   echo ".ab/$name/ift_jax ready"
+  exit 0
+fi
+if [ "${1:-}" = flags ]; then  # a variant that is another version's package under other XLA flags
+  name=${2:?usage: tools/device_ab.sh flags NAME PACKAGE XLA_FLAGS}; package=${3:?}; flags=${4:?}
+  rm -rf ".ab/$name" && mkdir -p ".ab/$name"
+  echo "$package" >".ab/$name/package" && echo "$flags" >".ab/$name/xla_flags"
+  echo ".ab/$name: .ab/$package's package with XLA_FLAGS=$flags"
   exit 0
 fi
 STEPS=${STEPS:-16}
@@ -45,12 +54,14 @@ for v in $ORDER; do
     timeout 300 python3 .ab/peer/torch_hf_sft.py $SHAPE --steps "$STEPS" $PEER_FLAGS 2>&1 | tag peer | tee -a "$out" \
       || failed+=(PEER)
   else
-    if [ ! -d ".ab/$v/ift_jax" ]; then
-      echo "no .ab/$v/ift_jax: run tools/device_ab.sh prepare $v [REV] first" >&2; failed+=("$v"); continue
+    package=$v xla_flags=${XLA_FLAGS:-}
+    if [ -f ".ab/$v/package" ]; then package=$(cat ".ab/$v/package"); xla_flags="$xla_flags $(cat ".ab/$v/xla_flags")"; fi
+    if [ ! -d ".ab/$package/ift_jax" ]; then
+      echo "no .ab/$package/ift_jax: run tools/device_ab.sh prepare $package [REV] first" >&2; failed+=("$v"); continue
     fi
     # shellcheck disable=SC2086
-    PYTHONPATH=".ab/$v" timeout 150 python3 tools/bench.py $SHAPE --steps "$STEPS" --warmup 2 $FLAGS 2>&1 \
-      | tag "$v" | tee -a "$out" || failed+=("$v")
+    XLA_FLAGS="$xla_flags" PYTHONPATH=".ab/$package" timeout 150 python3 tools/bench.py $SHAPE --steps "$STEPS" \
+      --warmup 2 $FLAGS 2>&1 | tag "$v" | tee -a "$out" || failed+=("$v")
   fi
 done
 say table
