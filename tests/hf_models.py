@@ -20,6 +20,11 @@ FAMILIES = {
     "mistral": dict(model_type="mistral", sliding_window=5),
     "qwen2": dict(model_type="qwen2"),
     "qwen3": dict(model_type="qwen3", head_dim=16),
+    # attention_bias as transformers reads it: q/k/v/o biases for Llama and Qwen3, ignored by Mistral and Qwen2
+    "llama_attention_bias": dict(model_type="llama", attention_bias=True),
+    "qwen3_attention_bias": dict(model_type="qwen3", head_dim=16, attention_bias=True),
+    "mistral_attention_bias": dict(model_type="mistral", attention_bias=True),
+    "qwen2_no_attention_bias": dict(model_type="qwen2", attention_bias=False),
     # Qwen2 with the window on layers from max_window_layers on: a per-layer mix
     "qwen2_window": dict(model_type="qwen2", use_sliding_window=True, sliding_window=5, max_window_layers=1),
     # sliding, global, sliding: two RoPE bases and two masks in one scan; query_pre_attn_scalar != head_dim

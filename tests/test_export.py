@@ -49,7 +49,8 @@ def _source(folder: pathlib.Path, family: str, dtype: str = "float32"):
 
 
 @pytest.mark.parametrize("family, dtype", [("llama", "float32"), ("llama_tied", "bfloat16"),
-                                           ("qwen2", "float16"), ("qwen3", "float32"), ("gemma3", "bfloat16"),
+                                           ("qwen2", "float16"), ("qwen3", "float32"),
+                                           ("llama_attention_bias", "float32"), ("gemma3", "bfloat16"),
                                            ("gemma3_tied_softcap", "float32")])
 def test_import_then_export_is_bit_identical(family, dtype, tmp_path):
   model = _source(tmp_path / "src", family, dtype)

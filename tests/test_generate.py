@@ -60,7 +60,7 @@ def test_generation_stops_at_eos_like_transformers(tmp_path):
   assert len(ours[0]) == 4 and len(ours[1]) == 12  # row 0 ended early; row 1 never produced 93
 
 
-@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen3", "gemma3", "llama_attention_bias"])
 def test_cached_decoding_gives_the_full_forward_logits(family, tmp_path):
   """Prefill 70 tokens (one row left-padded by 20), then 4 one-token steps: each step's logits equal the
   forward's, whether the prompt went through `decode` on an empty cache or through `prefill` (which attends

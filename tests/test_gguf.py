@@ -146,17 +146,30 @@ def test_untied_head_and_rope_scaling(tmp_path):
   np.testing.assert_array_equal(tensors["lm_head.weight"], expected["lm_head.weight"])
 
 
-def test_attention_biases_are_unpermuted(tmp_path):
+def _with_attention_biases(projections: str) -> dict[str, np.ndarray]:
   expected = _tiny_hf_tensors()
   rng = np.random.default_rng(1)
   for i in range(_TINY["layers"]):
-    for proj in ("q", "k", "v"):
+    for proj in projections:
       rows = expected[f"model.layers.{i}.self_attn.{proj}_proj.weight"].shape[0]
       expected[f"model.layers.{i}.self_attn.{proj}_proj.bias"] = rng.standard_normal(rows).astype(np.float32)
+  return expected
+
+
+def test_attention_biases_are_unpermuted(tmp_path):
+  """A Llama with attention_bias, as llama.cpp converts it: q/k/v biases permuted like their rows, o's as is."""
+  expected = _with_attention_biases("qkvo")
   tensors = gguf_io.GGUFTensors(_write_tiny(tmp_path / "b.gguf", expected))
   assert tensors.config["attention_bias"] is True and tensors.config["mlp_bias"] is False
   for name, want in expected.items():
     np.testing.assert_array_equal(tensors[name], want, err_msg=name)
+
+
+def test_qkv_biases_without_an_output_bias_are_refused(tmp_path):
+  """transformers' Llama has all four attention biases or none: a GGUF with only q/k/v ones has no HF config."""
+  path = _write_tiny(tmp_path / "b.gguf", _with_attention_biases("qkv"))
+  with pytest.raises(UserError, match="q/k/v biases but no attention-output bias"):
+    gguf_io.gguf_hf_config(path)
 
 
 def test_other_architecture_is_refused(tmp_path):

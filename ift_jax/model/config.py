@@ -14,12 +14,15 @@ from typing import Any, Mapping
 from ift_jax.errors import UserError
 
 # model_type -> (q/k/v bias by default, q/k RMSNorm over head_dim)
+# model_type -> (which attention projections have biases, per-head q/k norms). As transformers builds them:
+# Llama and Qwen3 give q, k, v and o a bias when `attention_bias` is set; Qwen2 always has q/k/v biases and
+# no o bias; Mistral and Gemma 3 have none (Mistral's class ignores `attention_bias`; Gemma 3's is refused).
 _FAMILIES = {
-    "llama": (False, False),
-    "mistral": (False, False),
-    "qwen2": (True, False),
-    "qwen3": (False, True),
-    "gemma3_text": (False, True),
+    "llama": ("attention_bias", False),
+    "mistral": ("none", False),
+    "qwen2": ("qkv", False),
+    "qwen3": ("attention_bias", True),
+    "gemma3_text": ("none", True),
 }
 _LAYER_TYPES = ("full_attention", "sliding_attention")
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # HF name -> ours
@@ -47,6 +50,7 @@ class ModelConfig:
   rope_scaling: tuple[tuple[str, Any], ...] | None = None
   tie_word_embeddings: bool = False
   qkv_bias: bool = False
+  o_bias: bool = False  # the attention output projection's bias (Llama / Qwen3 `attention_bias`)
   qk_norm: bool = False
   sliding_window: int | None = None
   # Per layer: True where attention is limited to the last `sliding_window` positions. Empty = all full.
@@ -78,7 +82,8 @@ class ModelConfig:
       raise UserError(f"{origin}: model_type {model_type!r} is not supported; supported families: "
                       f"{', '.join(sorted(_FAMILIES))}")
     _refuse_unsupported(hf, origin)
-    default_bias, qk_norm = _FAMILIES[model_type]
+    biases, qk_norm = _FAMILIES[model_type]
+    attention_bias = biases == "attention_bias" and bool(hf.get("attention_bias", False))
     heads = int(hf["num_attention_heads"])
     gemma = model_type == "gemma3_text"
     sliding = _sliding_layers(hf, model_type, origin)
@@ -95,7 +100,8 @@ class ModelConfig:
         rope_theta=float(_rope_theta(hf, model_type)),
         rope_scaling=_rope_scaling(hf, model_type, origin),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
-        qkv_bias=bool(hf.get("attention_bias", default_bias)),
+        qkv_bias=attention_bias or biases == "qkv",
+        o_bias=attention_bias,
         qk_norm=qk_norm,
         sliding_window=int(hf["sliding_window"]) if any(sliding) else None,
         sliding_layers=sliding if any(sliding) else (),

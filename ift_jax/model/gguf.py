@@ -212,6 +212,11 @@ def _llama_config(reader, path, arch: str) -> dict[str, Any]:
   if "token_embd.weight" not in tensors:
     raise UserError(f"{path}: GGUF has no token_embd.weight tensor; the file is incomplete")
   pad = _field(reader, "tokenizer.ggml.padding_token_id")
+  qkv_bias, o_bias = "blk.0.attn_q.bias" in tensors, "blk.0.attn_output.bias" in tensors
+  if qkv_bias != o_bias:  # a Hugging Face Llama's attention_bias gives all four projections a bias, or none
+    raise UserError(f"{path}: GGUF has {'q/k/v' if qkv_bias else 'attention-output'} biases but no "
+                    f"{'attention-output' if qkv_bias else 'q/k/v'} bias, which no Llama config can express; "
+                    "not supported")
   return {
       "model_type": "llama",
       "architectures": ["LlamaForCausalLM"],
@@ -231,7 +236,7 @@ def _llama_config(reader, path, arch: str) -> dict[str, Any]:
       "bos_token_id": _optional_int(_field(reader, "tokenizer.ggml.bos_token_id")),
       "eos_token_id": _optional_int(_field(reader, "tokenizer.ggml.eos_token_id")),
       "pad_token_id": _optional_int(pad),
-      "attention_bias": "blk.0.attn_q.bias" in tensors,
+      "attention_bias": qkv_bias,
       "mlp_bias": "blk.0.ffn_up.bias" in tensors,
       "hidden_act": "silu",
   }

@@ -42,6 +42,8 @@ def layer_param_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tupl
   if cfg.qkv_bias:
     specs.update(q_bias=((h, e), ("heads", "head_dim")), k_bias=((k, e), ("kv_heads", "head_dim")),
                  v_bias=((k, e), ("kv_heads", "head_dim")))
+  if cfg.o_bias:  # a hidden-size vector, replicated like the norm scales
+    specs.update(o_bias=((d,), ("norm",)))
   if cfg.qk_norm:
     specs.update(q_norm=((e,), ("norm",)), k_norm=((e,), ("norm",)))
   if cfg.sandwich_norms:  # Gemma normalizes each sub-layer's output before adding it to the residual
@@ -380,7 +382,7 @@ def attention(x_BxLxD: jax.Array, layer: dict[str, jax.Array], cfg: ModelConfig,
       out_BxLxHxE = run(*args)
     else:  # the window kernel on sliding layers: one of the two runs per layer
       out_BxLxHxE = jax.lax.cond(sliding, functools.partial(run, window=cfg.sliding_window), run, *args)
-    return dense(out_BxLxHxE, layer["o"], contract=2)
+    return output_projection(out_BxLxHxE, layer)
   if lengths_B is None:
     masking = dict(mask=mask_Bx1x1xLxS[:, 0], is_causal=implementation == "cudnn")
   else:
@@ -388,7 +390,13 @@ def attention(x_BxLxD: jax.Array, layer: dict[str, jax.Array], cfg: ModelConfig,
   out_BxLxHxE = jax.nn.dot_product_attention(
       q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, scale=(cfg.query_pre_attn_scalar or e) ** -0.5,
       implementation="cudnn" if implementation == "cudnn" else None, **masking)
-  return dense(out_BxLxHxE, layer["o"], contract=2)
+  return output_projection(out_BxLxHxE, layer)
+
+
+def output_projection(out_BxLxHxE: jax.Array, layer: dict[str, jax.Array]) -> jax.Array:
+  """The attention heads' outputs through o (H·E -> D), plus o's bias where the model has one."""
+  h_BxLxD = dense(out_BxLxHxE, layer["o"], contract=2)
+  return h_BxLxD + layer["o_bias"] if "o_bias" in layer else h_BxLxD
 
 
 def project_qkv(x_BxLxD: jax.Array, layer: dict[str, jax.Array], cfg: ModelConfig, cos_BxLxE: jax.Array,
@@ -458,7 +466,7 @@ def attend_heads_major(q_BxLxHxE: jax.Array, k_BxKxSxE: jax.Array, v_BxKxSxE: ja
                              v_BxKxSxE[:, :, :keys], mask_BxCxS, g, scale))
   out_BxKxMxE = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
   out_BxLxHxE = out_BxKxMxE.reshape(b, kv, l, g, e).transpose(0, 2, 1, 3, 4).reshape(b, l, h, e)
-  return dense(out_BxLxHxE, layer["o"], contract=2)
+  return output_projection(out_BxLxHxE, layer)
 
 
 def _attend_core(q_BxKxMxE: jax.Array, k_BxKxSxE: jax.Array, v_BxKxSxE: jax.Array, mask_BxCxS: jax.Array,

@@ -120,7 +120,7 @@ def _hf_layer_names(cfg: ModelConfig) -> dict[str, tuple[str, bool]]:
       "gate": (mlp + "gate_proj.weight", True), "up": (mlp + "up_proj.weight", True),
       "down": (mlp + "down_proj.weight", True),
       "q_bias": (attn + "q_proj.bias", False), "k_bias": (attn + "k_proj.bias", False),
-      "v_bias": (attn + "v_proj.bias", False),
+      "v_bias": (attn + "v_proj.bias", False), "o_bias": (attn + "o_proj.bias", False),
       "q_norm": (attn + "q_norm.weight", False), "k_norm": (attn + "k_norm.weight", False),
   }
   return names
