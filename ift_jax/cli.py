@@ -58,9 +58,10 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 
 _INIT_TIMEOUT = flags.DEFINE_integer("initialization_timeout", 300, "Seconds to wait for all processes to join.")
 _HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout", 100, "Seconds of silence after which a process counts as "
                                   "dead and the job's other processes are ended.")
-_HANG = flags.DEFINE_integer("hang_timeout", 1800, "train, eval: seconds without progress (a step, an evaluation "
-                            "or generation batch, a checkpoint save) after which the run prints every thread's "
-                            "stack and exits 4, ending a multi-host job that would otherwise hang; 0 = never.")
+_HANG = flags.DEFINE_integer("hang_timeout", 1800, "train, eval, export, generate: seconds without progress (a "
+                            "step, an evaluation or generation batch, a checkpoint save, an exported tensor) after "
+                            "which the run prints every thread's stack and exits 4, ending a multi-host job that "
+                            "would otherwise hang; 0 = never.")
 
 COMMANDS = ("train", "eval", "render", "export", "generate")
 
@@ -103,10 +104,12 @@ def _run_command(command: str, train) -> int:
       print(f"wrote {_WORKDIR.value}/eval/report.md, metrics.json, predictions.jsonl and charts")
     elif command == "export":
       from ift_jax import export
-      export.export(_OUT.value, dtype=_DTYPE.value, model=_MODEL.value, workdir=_WORKDIR.value,
-                    checkpoint=_CHECKPOINT.value)
+      with _watchdog() as dog:
+        export.export(_OUT.value, dtype=_DTYPE.value, model=_MODEL.value, workdir=_WORKDIR.value,
+                      checkpoint=_CHECKPOINT.value, progress=dog.beat)
     elif command == "generate":
-      _generate()
+      with _watchdog() as dog:
+        _generate(dog.beat)
     else:
       print(train.render(_CONFIG.value, split=_SPLIT.value, num_examples=_NUM.value))
   except UserError as e:
@@ -124,7 +127,13 @@ def _run_command(command: str, train) -> int:
   return 0
 
 
-def _generate() -> None:
+def _watchdog():
+  """The --hang_timeout watchdog of `export` and `generate` (train and eval start their own)."""
+  from ift_jax import distributed, watchdog
+  return watchdog.Watchdog(_HANG.value, where=distributed.this_process())
+
+
+def _generate(progress) -> None:
   import json
   from ift_jax import generate
   prompts = generate.read_prompts(_PROMPT.value, _PROMPTS_FILE.value, _TEMPLATE.value)
@@ -135,7 +144,7 @@ def _generate() -> None:
   for line in generate.generate_cli(
       prompts, model=_MODEL.value, workdir=_WORKDIR.value, checkpoint=_CHECKPOINT.value,
       max_new_tokens=_MAX_NEW.value, sampling=generate.Sampling(_TEMPERATURE.value, _TOP_P.value),
-      seed=_SEED.value, stop=stop):
+      seed=_SEED.value, stop=stop, progress=progress):
     print(json.dumps(line))
 
 

@@ -19,7 +19,7 @@ import pathlib
 import shutil
 import struct
 import tempfile
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import ml_dtypes
@@ -129,8 +129,12 @@ def generation_config(hf_config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def write_hf_folder(out: str | os.PathLike[str], params: Mapping[str, Any], pretrained: load.Pretrained, *,
-                    tokenizer: Any, dtype: str, max_shard_bytes: int = MAX_SHARD_BYTES) -> pathlib.Path:
-  """Writes `params` (sharded float32 jax arrays) as a Hugging Face model folder at `out`; returns its path."""
+                    tokenizer: Any, dtype: str, max_shard_bytes: int = MAX_SHARD_BYTES,
+                    progress: Callable[[str], None] = lambda doing: None) -> pathlib.Path:
+  """Writes `params` (sharded float32 jax arrays) as a Hugging Face model folder at `out`; returns its path.
+
+  `progress(doing)` is called before each tensor's gather (a collective when several processes export) and
+  before the final wait for the writer: `ift-jax export`'s watchdog counts it as progress."""
   if dtype not in DTYPES:
     raise UserError(f"--dtype={dtype!r}: use one of {', '.join(DTYPES)}")
   out = pathlib.Path(out).expanduser()
@@ -142,7 +146,8 @@ def write_hf_folder(out: str | os.PathLike[str], params: Mapping[str, Any], pret
   tmp = pathlib.Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None,
                                       prefix=f".{out.name}.")) if writer else None
   try:
-    names = _write_shards(tmp, params, shards, dtype)
+    names = _write_shards(tmp, params, shards, dtype, progress)
+    progress("writing config.json and the tokenizer")
     if writer:
       _write_metadata(tmp, pretrained, tokenizer, dtype, shards, names)
       if out.exists():
@@ -152,13 +157,14 @@ def write_hf_folder(out: str | os.PathLike[str], params: Mapping[str, Any], pret
     if tmp is not None and tmp.exists():
       shutil.rmtree(tmp, ignore_errors=True)
   if jax.process_count() > 1:  # the others wait until the folder is complete
+    progress("waiting for process 0 to finish writing the folder")
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("ift_jax export written")
   return out
 
 
 def _write_shards(tmp: pathlib.Path | None, params: Mapping[str, Any], shards: list[list[weights.HFTensor]],
-                  dtype: str) -> list[str]:
+                  dtype: str, progress: Callable[[str], None]) -> list[str]:
   """Every process gathers every tensor in the same order; only the writer (tmp set) writes."""
   names = (["model.safetensors"] if len(shards) == 1 else
            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
@@ -166,6 +172,7 @@ def _write_shards(tmp: pathlib.Path | None, params: Mapping[str, Any], shards: l
     writer = (StreamingSafetensorsWriter(tmp / name, [(s.name, s.shape) for s in shard], dtype)
               if tmp is not None else None)
     for spec in shard:
+      progress(f"gathering and writing tensor {spec.name}")
       tensor = _host_tensor(params, spec)
       if writer is not None:
         writer.write(spec.name, tensor)
@@ -199,12 +206,16 @@ def default_dtype(pretrained: load.Pretrained) -> str:
 
 
 def export(out: str, *, dtype: str = "auto", model: str = "", workdir: str = "", checkpoint: str = "latest",
-           max_shard_bytes: int = MAX_SHARD_BYTES) -> pathlib.Path:
-  """`ift-jax export`: a checkpoint of a workdir (or, with `model`, a model as it is) as a Hugging Face folder."""
+           max_shard_bytes: int = MAX_SHARD_BYTES, progress: Callable[[str], None] = lambda doing: None
+           ) -> pathlib.Path:
+  """`ift-jax export`: a checkpoint of a workdir (or, with `model`, a model as it is) as a Hugging Face folder.
+
+  `progress(doing)` marks each phase and tensor (see `write_hf_folder`)."""
   from ift_jax import sharding
   if not out:
     raise UserError("--out is required: the Hugging Face folder to write")
   mesh = sharding.make_mesh(data=1, fsdp=-1, tensor=1)  # any device count: weights split on fsdp only
+  progress("loading the weights")
   if model:
     pretrained = load.open_pretrained(model)
     params = load.load_params(pretrained, mesh)
@@ -212,8 +223,10 @@ def export(out: str, *, dtype: str = "auto", model: str = "", workdir: str = "",
   else:
     pretrained, params, where = _restore_checkpoint_params(workdir, checkpoint, mesh)
   dtype = default_dtype(pretrained) if dtype == "auto" else dtype
-  folder = write_hf_folder(out, params, pretrained, tokenizer=pretrained.load_tokenizer(), dtype=dtype,
-                           max_shard_bytes=max_shard_bytes)
+  progress("loading the tokenizer")
+  tokenizer = pretrained.load_tokenizer()
+  folder = write_hf_folder(out, params, pretrained, tokenizer=tokenizer, dtype=dtype,
+                           max_shard_bytes=max_shard_bytes, progress=progress)
   _log.info("exported %s as %s (%s) to %s", where, pretrained.cfg.model_type, dtype, folder)
   return folder
 

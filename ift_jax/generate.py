@@ -367,11 +367,15 @@ def _templated(prompts: Sequence[str], prompts_file: str, spec: str) -> list[str
 
 def generate_cli(prompts: Sequence[str], *, model: str = "", workdir: str = "", checkpoint: str = "latest",
                  max_new_tokens: int = 64, sampling: Sampling = Sampling(), seed: int = 0,
-                 stop: Sequence[str] = ()) -> list[dict[str, str]]:
-  """`ift-jax generate`: completions of the prompts by a model path or a workdir checkpoint."""
+                 stop: Sequence[str] = (), progress: Callable[[str], None] = lambda doing: None
+                 ) -> list[dict[str, str]]:
+  """`ift-jax generate`: completions of the prompts by a model path or a workdir checkpoint.
+
+  `progress(doing)` marks loading and each generated batch (`ift-jax generate`'s watchdog counts it)."""
   from ift_jax import export
   from ift_jax.model import load
   mesh = sharding.make_mesh(data=1, fsdp=-1, tensor=1)  # weights split on fsdp, prompts over the same devices
+  progress("loading the weights")
   if model:
     pretrained = load.open_pretrained(model)
     params = load.load_params(pretrained, mesh)
@@ -385,6 +389,9 @@ def generate_cli(prompts: Sequence[str], *, model: str = "", workdir: str = "", 
                         pad_id=tokenizer.pad_token_id or 0, batch_size=rows, max_new_tokens=max_new_tokens,
                         sampling=sampling)
   stops = StopTokens.build(tokenizer, [stop], pretrained.cfg.vocab_size) if any(stop) else None
+  doing = "generating a batch (the first compiles the prefill and decode steps)"
+  progress(doing)
+  generator.on_batch = lambda: progress(doing)
   ids, _ = generator.generate([tokenizer(p).input_ids for p in prompts], seed=seed, stops=stops)
   texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
   return [{"prompt": p, "completion": cut_at_stop(t, stop)} for p, t in zip(prompts, texts)]

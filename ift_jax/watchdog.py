@@ -4,7 +4,8 @@ A multi-host job hangs, with no error anywhere, when one process stops advancing
 a storage read, a deadlocked thread, or a collective that the other processes never enter: its heartbeats go on,
 so the coordination service sees nothing wrong, and every other process waits for it in its next collective
 (gloo, NCCL and TPU collectives have no timeout of their own). The training loop marks each step, evaluation
-batch and checkpoint save as progress, and `ift-jax eval` each generation or scoring batch; when none comes for
+batch and checkpoint save as progress, `ift-jax eval` each generation or scoring batch, `ift-jax export` each
+tensor it gathers and writes, `ift-jax generate` each batch; when none comes for
 `timeout_s`, the watchdog prints every thread's stack and a one-line error naming what was awaited, and ends the
 process (`distributed.exit_now`), which ends the job.
 """
@@ -76,6 +77,6 @@ def _report_and_exit(doing: str, timeout_s: float, *, where: str) -> None:
             file=sys.stderr)
   where = f" ({where})" if where else ""
   print(f"error: no progress for {timeout_s:g} s while {doing}{where}; a process is stuck or the processes "
-        "took different paths (stacks above); rerun the same command (training resumes from its last "
+        "took different paths (stacks above); rerun the same command (a training run resumes from its last "
         "checkpoint), or raise --hang_timeout if this phase is legitimately that slow", file=sys.stderr)
   distributed.exit_now(EXIT_CODE)

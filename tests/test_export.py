@@ -69,10 +69,16 @@ def test_import_then_export_is_bit_identical(family, dtype, tmp_path):
 def test_sharded_export_has_an_index_and_loads_in_transformers(tmp_path):
   import torch
   reference = _source(tmp_path / "src", "gemma3")
-  export.export(str(tmp_path / "out"), model=str(tmp_path / "src"), dtype="float32", max_shard_bytes=40_000)
+  beats = []  # what `ift-jax export`'s watchdog is told: each phase, and each tensor before its gather
+  export.export(str(tmp_path / "out"), model=str(tmp_path / "src"), dtype="float32", max_shard_bytes=40_000,
+                progress=beats.append)
   index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
   files = sorted((tmp_path / "out").glob("*.safetensors"))
   assert len(files) > 3 and set(index["weight_map"].values()) == {f.name for f in files}
+  written = [name for f in files for name in load_file(str(f))]
+  assert beats[:2] == ["loading the weights", "loading the tokenizer"], beats[:3]
+  assert sorted(beats[2:-1]) == sorted(f"gathering and writing tensor {name}" for name in written)
+  assert beats[-1] == "writing config.json and the tokenizer"
   sizes = [sum(t.nbytes for t in load_file(str(f)).values()) for f in files]
   assert max(sizes) <= 40_000 and index["metadata"]["total_size"] == sum(sizes)
   reloaded = _load_hf(tmp_path / "out", dtype=torch.float32)

@@ -163,6 +163,20 @@ def test_cli_prints_one_completion_per_prompt(tmp_path):
   assert any(line["completion"] for line in lines)
 
 
+def test_cli_generate_has_a_watchdog(tmp_path):
+  """`ift-jax generate` ends with exit 4 and the one-line error when nothing progresses for --hang_timeout: here
+  1 s, shorter than compiling the first batch's prefill and decode steps takes."""
+  fixtures.write_model(tmp_path / "model")
+  proc = subprocess.run([sys.executable, "-c", "from ift_jax.cli import main; main()", "generate",
+                         f"--model={tmp_path / 'model'}", "--prompt=good movie", "--max_new_tokens=5",
+                         "--hang_timeout=1"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 4, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: no progress for 1 s while "), proc.stderr[-3000:]
+  assert "--- stack of thread MainThread" in proc.stderr and not proc.stdout
+
+
 def test_rows_end_on_the_device_at_a_stop_token_after_some_text(tmp_path):
   """A row ends at a token holding its stop string once it has text (or at once where the token has text before
   the stop); other rows, and a row without stop strings, generate as before."""
