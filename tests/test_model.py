@@ -110,6 +110,7 @@ def test_unsupported_architecture_is_refused(tmp_path):
      "rope scaling type 'yarn' is not implemented"),
     ("llama", {"final_logit_softcapping": 30.0}, "final_logit_softcapping is not implemented for llama"),
     ("qwen2", {"hidden_act": "relu"}, "activation 'relu' is not implemented for qwen2"),
+    ("mistral", {"attention_dropout": 0.1}, r"attention_dropout=0.1 is not implemented .* set it to 0.0"),
 ])
 def test_math_changing_config_fields_are_refused_by_name(family, change, message, tmp_path):
   import json

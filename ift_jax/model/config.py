@@ -13,7 +13,6 @@ from typing import Any, Mapping
 
 from ift_jax.errors import UserError
 
-# model_type -> (q/k/v bias by default, q/k RMSNorm over head_dim)
 # model_type -> (which attention projections have biases, per-head q/k norms). As transformers builds them:
 # Llama and Qwen3 give q, k, v and o a bias when `attention_bias` is set; Qwen2 always has q/k/v biases and
 # no o bias; Mistral and Gemma 3 have none (Mistral's class ignores `attention_bias`; Gemma 3's is refused).
@@ -211,6 +210,9 @@ def _refuse_unsupported(hf: Mapping[str, Any], origin: str) -> None:
                     f"{allowed!r})")
   if hf.get("mlp_bias"):
     raise UserError(f"{origin}: mlp_bias=true is not implemented; use a model without MLP biases")
+  if float(hf.get("attention_dropout") or 0.0) != 0.0:  # transformers applies it in training mode
+    raise UserError(f"{origin}: attention_dropout={hf['attention_dropout']} is not implemented (ift-jax trains "
+                    "without dropout); set it to 0.0")
   if hf.get("pretraining_tp", 1) not in (1, None):
     raise UserError(f"{origin}: pretraining_tp={hf['pretraining_tp']} is not implemented; set it to 1")
   if hf.get("model_type") == "gemma3_text":
